@@ -1,0 +1,39 @@
+"""Turning calibration samples into model inputs with each family's own chat template."""
+
+from __future__ import annotations
+
+
+def chat_text(processor, prompt: str, answer: str | None = None) -> str:
+    """The chat-formatted prompt for one image + text turn, optionally followed by an answer."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text + answer if answer else text
+
+
+def encode(vlm, samples, *, with_answer: bool = False, device=None):
+    """Batch-encode samples (left-padded, so position -1 is every row's last prompt token).
+
+    With `with_answer`, the reference answer follows the prompt and the returned batch has
+    `answer_mask` (bool, batch x seq) marking the answer tokens.
+    """
+    import torch
+
+    processor = vlm.processor
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [chat_text(processor, s.prompt, s.answer if with_answer else None) for s in samples]
+    images = [[s.image] for s in samples]
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    if with_answer:
+        lengths = [len(tokenizer(s.answer or "", add_special_tokens=False).input_ids) for s in samples]
+        mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            if n:
+                mask[row, -n:] = True
+        batch["answer_mask"] = mask
+    return batch.to(device or vlm.model.device)
+
+
+def model_inputs(batch) -> dict:
+    """The batch without edgevlm's own keys, ready for model(**inputs)."""
+    return {k: v for k, v in batch.items() if k != "answer_mask"}

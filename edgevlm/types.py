@@ -1,0 +1,164 @@
+"""Core pipeline values. Stdlib dataclasses with a JSON form; layer indices are 0-based
+and always refer to the ORIGINAL model."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgevlm.errors import UsageError
+
+SCHEMA_VERSION = 1
+
+
+class JsonMixin:
+    """to_dict/from_dict/save/load for flat dataclasses (nested ones override from_dict)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UsageError(f"{cls.__name__}: unknown keys {sorted(unknown)}",
+                             "was this file written by a newer edgevlm?")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON atomically (temp file + rename): no half-written file on interrupt."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if not path.exists():
+            raise UsageError(f"{path} does not exist", f"check the path to the {cls.__name__} file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON: {exc}", "regenerate the file") from exc
+        return cls.from_dict(data)
+
+
+@dataclass
+class LayerScores(JsonMixin):
+    """Per-layer importance from one scoring method; higher = more important."""
+
+    method: str
+    scores: list[float]
+    options: dict = field(default_factory=dict)
+    model: str = ""
+    fingerprint: str = ""
+    calibration: dict = field(default_factory=dict)
+    version: str = ""
+    extra: dict = field(default_factory=dict)  # method-specific (e.g. angular block distances)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.scores)
+
+    def ascending(self) -> list[int]:
+        """Layer indices, least important first (ties broken by index: deterministic)."""
+        return sorted(range(len(self.scores)), key=lambda i: (self.scores[i], i))
+
+    def cache_key(self) -> dict:
+        return {"method": self.method, "options": self.options, "fingerprint": self.fingerprint,
+                "calibration": self.calibration.get("fingerprint")}
+
+
+@dataclass
+class PrunePlan(JsonMixin):
+    """Which original decoder layers to drop (mode 'drop') or freeze for visual tokens
+    (mode 'freeze', ShortV)."""
+
+    method: str
+    n_layers: int  # layers in the original model
+    layers: list[int]  # dropped or frozen, original indices, sorted
+    mode: str = "drop"
+    ratio: float | None = None
+    protected: list[int] = field(default_factory=list)
+    scores: list[float] | None = None
+
+    @property
+    def kept(self) -> list[int]:
+        if self.mode != "drop":
+            return list(range(self.n_layers))
+        dropped = set(self.layers)
+        return [i for i in range(self.n_layers) if i not in dropped]
+
+    def validate(self) -> PrunePlan:
+        if self.mode not in ("drop", "freeze"):
+            raise UsageError(f"unknown plan mode '{self.mode}'", "use 'drop' or 'freeze'")
+        bad = [i for i in self.layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise UsageError(f"plan names layers {bad} outside 0..{self.n_layers - 1}",
+                             "was the plan made for a different model?")
+        if len(set(self.layers)) != len(self.layers):
+            raise UsageError("plan lists a layer twice", "regenerate the plan")
+        if set(self.layers) & set(self.protected):
+            raise UsageError(f"plan drops protected layers {sorted(set(self.layers) & set(self.protected))}",
+                             "regenerate the plan")
+        if self.mode == "drop" and len(self.layers) >= self.n_layers:
+            raise UsageError(f"plan drops all {self.n_layers} layers", "use a smaller ratio")
+        return self
+
+
+@dataclass
+class FileEntry(JsonMixin):
+    """One file of an export."""
+
+    role: str  # e.g. "decoder", "vision_encoder", "text_model", "mmproj"
+    path: str  # relative to the manifest's folder
+    sha256: str
+    bytes: int
+    dtype: str = ""
+
+
+@dataclass
+class ExportArtifact(JsonMixin):
+    """manifest.json: everything a runner needs to run and trust an export."""
+
+    target: str
+    files: list[FileEntry]
+    base_model: str
+    family: str
+    plan: dict | None = None
+    quantization: dict = field(default_factory=dict)
+    io: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExportArtifact:
+        if int(data.get("schema_version", 0)) > SCHEMA_VERSION:
+            raise UsageError(
+                f"manifest schema {data['schema_version']} is newer than this edgevlm "
+                f"understands ({SCHEMA_VERSION})", "pip install -U edgevlm")
+        data = dict(data, files=[FileEntry.from_dict(f) for f in data.get("files", [])])
+        return super().from_dict.__func__(cls, data)
+
+    def file(self, role: str) -> FileEntry | None:
+        return next((f for f in self.files if f.role == role), None)
+
+
+def jsonable(value: Any) -> Any:
+    """Floats/ints from numpy or torch scalars -> plain Python, recursively."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value

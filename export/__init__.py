@@ -1,0 +1,1 @@
+"""Export targets (ONNX, GGUF), quantization per target, and the manifest."""
