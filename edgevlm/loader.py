@@ -77,7 +77,7 @@ def materialize_tiny(name: str, seed: int = 0, root: Path | None = None) -> Path
     family, variant = parse_tiny(name)
     label = family + (f"-{variant}" if variant else "")
     root = Path(root or cache_dir() / "tiny")
-    target = root / f"{label}-seed{seed}-v{__version__}-tf{transformers.__version__}"
+    target = root / f"{label}-seed{seed}-{_tiny_code_hash()}-tf{transformers.__version__}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -96,6 +96,16 @@ def materialize_tiny(name: str, seed: int = 0, root: Path | None = None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _tiny_code_hash() -> str:
+    """Cache key part that changes whenever the tiny-model code does."""
+    import edgevlm.tiny
+
+    digest = hashlib.sha256(__version__.encode())
+    for file in sorted(Path(edgevlm.tiny.__file__).parent.glob("*.py")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _rename_vision_keys(file: Path, prefix: str) -> None:

@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Portable llama.cpp build (AVX2/FMA, no -march=native); pip's wheel cache reuses it.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: install demo test lint clean
+
+$(BIN)/.installed: pyproject.toml setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	# torch first, pinned to the CPU wheel, so no resolver can pull a CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/edgevlm inspect tiny:smolvlm
+	$(BIN)/edgevlm export --model tiny:smolvlm --method bi --ratio 0.3 --target gguf -o out/demo --force
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) out build dist *.egg-info

@@ -1,0 +1,72 @@
+"""The stages chained: load -> score -> plan -> prune -> export. The CLI calls these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgevlm.errors import UsageError
+from edgevlm.types import LayerScores, PrunePlan
+from edgevlm.ui import info
+
+
+def calibration(spec: str, seed: int = 0):
+    from edgevlm.calib import load_calibration
+
+    calib = load_calibration(spec, seed=seed)
+    if not calib.scoring:
+        raise UsageError(f"calibration '{spec}' has no samples", "use --calib builtin:32")
+    return calib
+
+
+def score_model(vlm, calib, method: str, *, tokens: str | None = None, batch_size: int = 4,
+                n_drop: int | None = None, options: dict | None = None) -> LayerScores:
+    """Score (or reuse cached scores of) every decoder layer on the scoring split."""
+    from edgevlm.scoring import SCORERS, score_cached
+
+    SCORERS.get(method)  # unknown method: clear error before any work
+    options = dict(options or {})
+    if method == "angular" and n_drop:
+        options.setdefault("n", n_drop)
+    return score_cached(vlm, calib.scoring, calib.description, method, tokens=tokens,
+                        batch_size=batch_size, **options)
+
+
+def plan_for(vlm, scores: LayerScores, *, ratio=None, n_layers=None, protect=None) -> PrunePlan:
+    from edgevlm.plan import make_plan
+
+    text_config = vlm.config.get_text_config()
+    return make_plan(scores, ratio=ratio, n_layers=n_layers, protect=protect,
+                     layer_types=getattr(text_config, "layer_types", None),
+                     layer_period=vlm.adapter.layer_period)
+
+
+def write_scores(out: Path, scores: LayerScores, plan: PrunePlan | None = None) -> None:
+    from edgevlm.plot import plot_scores
+
+    scores.save(out / "scores.json")
+    if plan is not None:
+        plan.save(out / "plan.json")
+    plot_scores(scores, out / "layer_scores.png", plan.layers if plan else None)
+
+
+def prune_and_save(vlm, plan: PrunePlan, out: Path) -> Path:
+    from edgevlm.prune import prune_, save_pruned
+
+    prune_(vlm, plan)
+    info(f"removed layers {plan.layers} ({len(plan.layers)} of {plan.n_layers}); "
+         f"{len(plan.kept)} remain")
+    return save_pruned(vlm, out / "pruned")
+
+
+def export_target(target_name: str, model_dir: Path, out: Path, *, quant: str, plan: dict | None,
+                  base_model: str, verify: bool, samples, **kwargs):
+    """Run a target's exporter into `out` and write out/manifest.json."""
+    from edgevlm.targets import TARGETS
+
+    target = TARGETS.get(target_name)
+    artifact = target.export(Path(model_dir), Path(out), quant=quant, verify=verify,
+                             samples=samples, **kwargs)
+    artifact.base_model = base_model
+    artifact.plan = plan
+    artifact.save(Path(out) / "manifest.json")
+    return artifact

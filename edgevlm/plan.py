@@ -1,0 +1,143 @@
+"""make_plan: from layer scores to the set of decoder layers to remove (one-shot)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from edgevlm.errors import UnsupportedModelError, UsageError
+from edgevlm.types import LayerScores, PrunePlan
+
+
+def layers_to_drop(n_total: int, ratio: float | None, n_layers: int | None) -> int:
+    """How many layers a ratio or an explicit count removes, with clear errors."""
+    if (ratio is None) == (n_layers is None):
+        raise UsageError("give exactly one of --ratio or --n-layers",
+                         "e.g. --ratio 0.3 (30% of decoder layers) or --n-layers 4")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise UsageError(f"--ratio {ratio} is outside (0, 1)",
+                             "use a fraction of decoder layers, e.g. --ratio 0.3")
+        n = round(ratio * n_total)
+        if n == 0:
+            raise UsageError(f"--ratio {ratio} of {n_total} layers removes no layer",
+                             f"use --ratio >= {1 / n_total:.3f} or --n-layers 1")
+    else:
+        n = n_layers
+        if n < 1:
+            raise UsageError(f"--n-layers {n} must be at least 1", "use --n-layers 1 or more")
+    if n >= n_total:
+        raise UsageError(f"removing {n} of {n_total} decoder layers leaves none",
+                         f"remove at most {n_total - 1} layers")
+    return n
+
+
+def parse_protect(spec: str | list | None, n_total: int) -> list[int]:
+    """'first,last,3' -> sorted original indices."""
+    if not spec:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else spec
+    out = set()
+    for item in items:
+        item = str(item).strip()
+        if item == "first":
+            out.add(0)
+        elif item == "last":
+            out.add(n_total - 1)
+        elif item.lstrip("-").isdigit() and -n_total <= int(item) < n_total:
+            out.add(int(item) % n_total)
+        else:
+            raise UsageError(f"cannot protect layer '{item}' of {n_total}",
+                             f"use first, last or indices 0..{n_total - 1}")
+    return sorted(out)
+
+
+def make_plan(scores: LayerScores, *, ratio: float | None = None, n_layers: int | None = None,
+              protect=None, layer_types: list[str] | None = None,
+              layer_period: int | None = None) -> PrunePlan:
+    """Drop the n least important layers (one-shot). `angular` scores give the best
+    contiguous block; families with a local/global attention period (Gemma 3) keep it."""
+    total = scores.n_layers
+    n = layers_to_drop(total, ratio, n_layers)
+    protected = parse_protect(protect, total)
+    if len(protected) + n > total:
+        raise UsageError(f"cannot remove {n} layers with {len(protected)} of {total} protected",
+                         "protect fewer layers or remove fewer")
+    if scores.method == "angular":
+        dropped = _best_block(scores, n, protected)
+    elif layer_period and layer_types:
+        dropped = _keep_period(scores.scores, n, protected, layer_types, layer_period)
+    else:
+        order = [i for i in scores.ascending() if i not in protected]
+        dropped = order[:n]
+    if scores.method == "angular" and layer_period and layer_types:
+        _check_period(sorted(dropped), layer_types, layer_period)
+    return PrunePlan(method=scores.method, n_layers=total, layers=sorted(dropped),
+                     ratio=ratio, protected=protected, scores=list(scores.scores)).validate()
+
+
+def _best_block(scores: LayerScores, n: int, protected: list[int]) -> list[int]:
+    distances = scores.extra.get("block_distances")
+    if scores.extra.get("n") != n or not distances:
+        raise UsageError(f"angular scores were computed for blocks of {scores.extra.get('n')} "
+                         f"layers, the plan removes {n}",
+                         "re-score with --method angular and the same --ratio/--n-layers")
+    starts = [s for s in range(len(distances))
+              if not any(s <= p < s + n for p in protected)]
+    if not starts:
+        raise UsageError(f"no contiguous block of {n} layers avoids the protected layers",
+                         "protect fewer layers")
+    best = min(starts, key=lambda s: (distances[s], s))
+    return list(range(best, best + n))
+
+
+def _keep_period(values: list[float], n: int, protected: list[int], layer_types: list[str],
+                 period: int) -> list[int]:
+    """Least total importance removed such that the kept layers' attention types still
+    follow the original pattern position by position (runtimes derive local/global from
+    the layer index modulo the period). Dynamic programming over (layer, kept so far)."""
+    total, keep = len(values), len(values) - n
+    pattern = [layer_types[j % period] if j >= len(layer_types) else layer_types[j]
+               for j in range(total)]
+    inf = math.inf
+    cost = [[inf] * (keep + 1) for _ in range(total + 1)]
+    choice = [[None] * (keep + 1) for _ in range(total + 1)]
+    cost[0][0] = 0.0
+    for i in range(total):
+        for j in range(keep + 1):
+            if cost[i][j] == inf:
+                continue
+            if i not in protected and cost[i][j] + values[i] < cost[i + 1][j]:
+                cost[i + 1][j], choice[i + 1][j] = cost[i][j] + values[i], "drop"
+            if j < keep and layer_types[i] == pattern[j] and cost[i][j] < cost[i + 1][j + 1]:
+                cost[i + 1][j + 1], choice[i + 1][j + 1] = cost[i][j], "keep"
+    if cost[total][keep] == inf:
+        raise UnsupportedModelError(
+            f"cannot remove {n} layers and keep the {period}-layer local/global attention "
+            "pattern that llama.cpp and the ONNX builders assume",
+            f"remove a multiple of {period} layers, or protect fewer layers")
+    dropped, j = [], keep
+    for i in range(total, 0, -1):
+        if choice[i][j] == "drop":
+            dropped.append(i - 1)
+        else:
+            j -= 1
+    return dropped
+
+
+def _check_period(dropped: list[int], layer_types: list[str], period: int) -> None:
+    kept = [t for i, t in enumerate(layer_types) if i not in set(dropped)]
+    if any(t != layer_types[j] for j, t in enumerate(kept)):
+        raise UnsupportedModelError(
+            f"removing layers {dropped[0]}..{dropped[-1]} breaks the {period}-layer "
+            "local/global attention pattern", f"use --n-layers as a multiple of {period}, "
+            "or a non-contiguous method such as bi")
+
+
+def random_plan(n_total: int, n: int, rng: random.Random, *, protected=(), layer_types=None,
+                layer_period=None) -> PrunePlan:
+    """A random plan of the same size (baseline for judging a scorer)."""
+    values = [rng.random() for _ in range(n_total)]
+    scores = LayerScores(method="random", scores=values)
+    return make_plan(scores, n_layers=n, protect=list(protected), layer_types=layer_types,
+                     layer_period=layer_period)

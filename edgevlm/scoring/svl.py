@@ -1,0 +1,109 @@
+"""SVL — Short-LVLM's token-selective BI (arXiv 2507.23362, method figure; code unreleased).
+
+For each layer, the attention map of that layer (eager attention, mean over heads) gives
+token importance; BI of that layer is then computed on the important tokens only.
+
+Token importance, per sample (V = visual tokens, T = text tokens, padding excluded;
+A[q, k] = attention query q pays to key k):
+- visual token j: mean of  mean_{q in V} A[q, j]  and  mean_{q in T} A[q, j]
+- text token i:   mean of  mean_{k in V} A[i, k]  and  mean_{q in T} A[q, i]
+Each of the two terms is first normalised to sum 1 over its modality's tokens, so neither
+dominates by scale (this is the "normalise per modality" step). Then the top
+ceil(p * |V|) visual and ceil(p * |T|) text tokens are kept (p = fraction per modality,
+default 0.5; ties broken by position).
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgevlm.errors import UsageError
+from edgevlm.scoring.base import Scorer, register
+from edgevlm.scoring.bi import CosineStats
+from edgevlm.scoring.hooks import capture_blocks, eager_attention, forward
+
+
+def _normalise(values, mask):
+    import torch
+
+    values = values * mask
+    total = values.sum(-1, keepdim=True)
+    return torch.where(total > 0, values / total.clamp(min=1e-30), values)
+
+
+def token_importance(attn, visual, text):
+    """Importance (batch x seq) of each token within its modality from a head-averaged
+    attention map (batch x seq x seq); zero outside `visual | text`."""
+    v, t = visual.float(), text.float()
+    n_v = v.sum(-1, keepdim=True).clamp(min=1)
+    n_t = t.sum(-1, keepdim=True).clamp(min=1)
+    received_from_v = (attn * v.unsqueeze(-1)).sum(1) / n_v  # column means over visual queries
+    received_from_t = (attn * t.unsqueeze(-1)).sum(1) / n_t
+    paid_to_v = (attn * v.unsqueeze(1)).sum(2) / n_v  # row means over visual keys
+    vis = (_normalise(received_from_v, v) + _normalise(received_from_t, v)) / 2
+    txt = (_normalise(paid_to_v, t) + _normalise(received_from_t, t)) / 2
+    return vis * v + txt * t
+
+
+def top_p_mask(importance, visual, text, p: float):
+    """Keep the top ceil(p * n) tokens of each modality, per row."""
+    import torch
+
+    keep = torch.zeros_like(visual)
+    for modality in (visual, text):
+        for row in range(importance.shape[0]):
+            idx = modality[row].nonzero().squeeze(-1)
+            k = math.ceil(p * len(idx))
+            if k:
+                # stable sort on -importance: ties keep the earlier position
+                order = torch.sort(-importance[row, idx], stable=True).indices[:k]
+                keep[row, idx[order]] = True
+    return keep
+
+
+def run_svl(vlm, batches, n_layers: int, p: float = 0.5) -> tuple[list[float], dict]:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise UsageError(f"SVL token fraction p={p!r} must be in (0, 1]", "use e.g. p=0.5")
+    stats = CosineStats(n_layers)
+    kept_total = [0] * n_layers
+    for batch in batches:
+        _score_batch(vlm, batch, p, stats, kept_total)
+    return stats.block_influence("important tokens"), {"p": p, "kept_tokens": kept_total}
+
+
+def _score_batch(vlm, batch, p: float, stats: CosineStats, kept_total: list[int]) -> None:
+    """One eager forward: layer i's attention hook picks its tokens, its block hook adds
+    their cosines (the attention module finishes before the layer's output hook fires)."""
+    visual, text = batch.tokens("visual"), batch.tokens("text")
+    keep: dict[int, object] = {}
+
+    def on_attention(index, out):
+        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if weights is None:
+            raise UsageError("the attention module returned no attention weights",
+                             "SVL needs eager attention; load the model with attn_implementation='eager'")
+        importance = token_importance(weights.float().mean(1), visual, text)
+        keep[index] = top_p_mask(importance, visual, text, p)
+
+    def on_block(index, x_in, x_out):
+        mask = keep.pop(index)
+        stats.add(index, x_in, x_out, mask)
+        kept_total[index] += int(mask.sum())
+
+    handles = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: on_attention(i, o))
+               for i, layer in enumerate(vlm.adapter.layers(vlm.model))]
+    try:
+        with eager_attention(vlm), capture_blocks(vlm, on_block):
+            forward(vlm, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+register(Scorer(
+    name="svl",
+    summary="Short-LVLM: BI on the tokens that attention maps mark important (top-p per modality)",
+    run=run_svl,
+    defaults={"p": 0.5},
+    paper="Short-LVLM, arXiv 2507.23362",
+))

@@ -1,0 +1,1 @@
+"""Thin, torch-free runners for exported models (onnxruntime, llama.cpp)."""
