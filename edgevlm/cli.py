@@ -151,9 +151,9 @@ def cmd_list(args) -> int:
     elif args.what == "methods":
         from edgevlm.scoring import SCORERS
 
-        for name, scorer in SCORERS.items():
-            doc = (getattr(scorer, "__doc__", None) or "").strip().splitlines()
-            print(f"{name:10s} {doc[0] if doc else ''}")
+        for scorer in SCORERS:
+            options = ", ".join(f"{k}={v}" for k, v in scorer.defaults.items())
+            print(f"{scorer.name:8s} {scorer.summary}" + (f" [{options}]" if options else ""))
     elif args.what == "targets":
         from edgevlm.targets import TARGETS
 

@@ -27,8 +27,10 @@ def score_model(vlm, calib, method: str, *, tokens: str | None = None, batch_siz
     options = dict(options or {})
     if method == "angular" and n_drop:
         options.setdefault("n", n_drop)
-    return score_cached(vlm, calib.scoring, calib.description, method, tokens=tokens,
-                        batch_size=batch_size, **options)
+    from edgevlm import ui
+
+    return score_cached(vlm, calib.scoring, method, calibration=calib.description, tokens=tokens,
+                        batch_size=batch_size, progress=not ui.QUIET, **options)
 
 
 def plan_for(vlm, scores: LayerScores, *, ratio=None, n_layers=None, protect=None) -> PrunePlan:
