@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("list", help="list families, methods, targets, devices or tiny models")
-    p.add_argument("what", choices=["families", "methods", "targets", "devices", "tiny"])
+    p = sub.add_parser("list", help="list families, methods, targets, devices, tiny or random models")
+    p.add_argument("what", choices=["families", "methods", "targets", "devices", "tiny", "random"])
 
     p = sub.add_parser("inspect", help="show a model's family, layers, parameters and targets")
     p.add_argument("model")
@@ -163,6 +163,11 @@ def cmd_list(args) -> int:
         from edgevlm.tiny import tiny_names
 
         print("\n".join(f"tiny:{n}" for n in tiny_names()))
+    elif args.what == "random":
+        from edgevlm.tiny.presets import PRESETS
+
+        for name, (family, shape) in PRESETS.items():
+            print(f"random:{name:14s} {family:11s} {shape.layers} layers, hidden {shape.hidden}")
     else:
         return cmd_devices(args)
     return 0

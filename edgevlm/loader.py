@@ -1,6 +1,6 @@
 """load(): one path from a model name to (model, processor, adapter).
 
-`tiny:<family>` models are built, saved to a cache folder and then loaded from it exactly
+`tiny:<family>` and `random:<preset>` models are built, saved to a cache folder and then loaded from it exactly
 like a local checkpoint; hub ids are resolved to a local snapshot first. So every model
 goes through the same from_pretrained code.
 """
@@ -69,13 +69,12 @@ def model_fingerprint(path: Path) -> str:
 
 
 def materialize_tiny(name: str, seed: int = 0, root: Path | None = None) -> Path:
-    """Build a tiny model and save it as a hub-style checkpoint folder (cached)."""
+    """Build a tiny: or random: model and save it as a hub-style checkpoint folder (cached)."""
     import transformers
 
-    from edgevlm.tiny import build_tiny, parse_tiny
+    from edgevlm.tiny import build_tiny, resolve_builtin
 
-    family, variant = parse_tiny(name)
-    label = family + (f"-{variant}" if variant else "")
+    family, _, label = resolve_builtin(name)
     root = Path(root or cache_dir() / "tiny")
     target = root / f"{label}-seed{seed}-{_tiny_code_hash()}-tf{transformers.__version__}"
     if (target / "config.json").exists():
@@ -83,7 +82,7 @@ def materialize_tiny(name: str, seed: int = 0, root: Path | None = None) -> Path
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{label}-", dir=root))
     try:
-        model, processor = build_tiny(label, seed=seed)
+        model, processor = build_tiny(name, seed=seed)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if family in HUB_VISION_PREFIX:
@@ -121,7 +120,7 @@ def _rename_vision_keys(file: Path, prefix: str) -> None:
 
 def resolve(name: str, seed: int = 0) -> Path:
     """A local checkpoint folder for a tiny name, a local path or a hub id."""
-    if name.startswith("tiny:"):
+    if name.startswith(("tiny:", "random:")):
         return materialize_tiny(name, seed=seed)
     path = Path(name).expanduser()
     if path.exists():

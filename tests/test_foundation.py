@@ -140,3 +140,27 @@ def test_local_folder_loads_like_tiny(tmp_path):
     shutil.copytree(materialize_tiny("tiny:smolvlm"), dst)
     vlm = load(str(dst))
     assert vlm.adapter.family == "smolvlm" and vlm.path == dst
+
+
+# Published parameter counts of the real models (billions).
+PUBLISHED = {"smolvlm-256m": 0.256, "smolvlm-500m": 0.507, "qwen2-vl-2b": 2.21,
+             "qwen2.5-vl-3b": 3.75, "gemma3-4b": 4.30, "llava-1.5-7b": 7.06}
+
+
+def test_random_presets_have_the_real_architecture_sizes():
+    from edgevlm.tiny.presets import preset_names
+
+    assert sorted(preset_names()) == sorted(PUBLISHED)
+    for name, billions in PUBLISHED.items():
+        with torch.device("meta"):  # shapes only
+            model, processor = build_tiny(f"random:{name}")
+        count = sum(p.numel() for p in model.parameters()) / 1e9
+        assert count == pytest.approx(billions, rel=0.01), name
+        assert processor.tokenizer.chat_template
+
+
+def test_random_preset_runs_through_the_loader(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path))
+    vlm = load("random:smolvlm-256m")
+    text = vlm.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (576, 30, 49280)

@@ -1,22 +1,23 @@
-"""Pieces shared by the tiny-model factories."""
+"""Pieces shared by the built-in model factories."""
 
 from __future__ import annotations
 
 
-def text_kwargs(size, tokenizer, **extra) -> dict:
-    """Text-config keyword arguments common to every family."""
-    return dict(
-        vocab_size=len(tokenizer),
+def text_kwargs(shape, tokenizer, default_layers: int = 8, **defaults) -> dict:
+    """Text-config keyword arguments: family defaults, then the shape's sizes and overrides."""
+    return {
+        **defaults,
+        "vocab_size": shape.vocab or len(tokenizer),
         **special_ids(tokenizer),
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        head_dim=size.head_dim,
-        max_position_embeddings=4096,
-        **extra,
-    )
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers or default_layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.dim_per_head,
+        "max_position_embeddings": defaults.get("max_position_embeddings", 4096),
+        **shape.text,
+    }
 
 
 def token_ids(tokenizer, **names: str) -> dict[str, int]:
@@ -32,8 +33,9 @@ def special_ids(tokenizer) -> dict[str, int | None]:
     )
 
 
-def build_model(config):
+def build_model(config, dtype: str = "float32"):
     """Instantiate the family model from its config (weights from the current torch seed)."""
+    import torch
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_config(config).float()
+    return AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))

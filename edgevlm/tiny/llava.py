@@ -17,29 +17,30 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-IMAGE_SIZE, PATCH = 32, 8
+VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+              num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8,
+              projection_dim=32)
 
 
-def _build(size, seed):
+def _build(shape, seed):
     import transformers as tf
 
     tok = train_tokenizer(SPECIALS, vocab_size=384, chat_template=CHAT_TEMPLATE, bos="<s>",
                           eos="</s>", pad="<pad>", unk="<unk>", extra={"image_token": "<image>"})
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=3, num_attention_heads=2, image_size=IMAGE_SIZE,
-                  patch_size=PATCH, projection_dim=32)
+    vision = {**VISION, **shape.vision}
+    image_size = vision["image_size"]
     config = tf.LlavaConfig(
-        text_config=text_kwargs(size, tok, model_type="llama"), vision_config=vision,
+        text_config=text_kwargs(shape, tok, model_type="llama"), vision_config=vision,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", **token_ids(tok, image_token_index="<image>"),
-        **special_ids(tok))
+        **special_ids(tok), **shape.config)
     image_processor = tf.CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     processor = processor_class("LlavaProcessor")(
-        image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
+        image_processor=image_processor, tokenizer=tok, patch_size=vision["patch_size"],
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE)
-    return build_model(config), processor
+    return build_model(config, shape.dtype), processor
 
 
 FACTORIES.add("llava", _build)

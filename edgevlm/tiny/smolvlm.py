@@ -18,10 +18,11 @@ CHAT_TEMPLATE = (
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-IMAGE_SIZE, PATCH, SCALE = 32, 8, 2
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=32, patch_size=8)
 
 
-def _build(size, seed):
+def _build(shape, seed):
     import transformers as tf
 
     tok = train_tokenizer(
@@ -30,19 +31,22 @@ def _build(size, seed):
         extra={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=IMAGE_SIZE, patch_size=PATCH)
-    text = text_kwargs(size, tok, model_type="llama", rope_theta=1e5)
-    config = tf.SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=SCALE,
-                              **token_ids(tok, image_token_id="<image>"), **special_ids(tok))
+    vision = {**VISION, **shape.vision}
+    image_size, patch = vision["image_size"], vision["patch_size"]
+    top = {"scale_factor": 2, **shape.config}
+    text = text_kwargs(shape, tok, model_type="llama", rope_theta=1e5)
+    config = tf.SmolVLMConfig(text_config=text, vision_config=vision,
+                              **token_ids(tok, image_token_id="<image>"), **special_ids(tok), **top)
+    # Up to 2x2 tiles for tiny models, 4x4 (the hub's 2048 px) for real sizes.
+    tiles = 4 if image_size >= 256 else 2
     image_processor = tf.SmolVLMImageProcessorPil(
-        do_image_splitting=True, size={"longest_edge": IMAGE_SIZE * 2},
-        max_image_size={"longest_edge": IMAGE_SIZE})
-    seq_len = (IMAGE_SIZE // PATCH) ** 2 // SCALE**2
+        do_image_splitting=True, size={"longest_edge": image_size * tiles},
+        max_image_size={"longest_edge": image_size})
+    seq_len = (image_size // patch) ** 2 // top["scale_factor"] ** 2
     processor = processor_class("SmolVLMProcessor")(
         image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len,
         chat_template=CHAT_TEMPLATE)
-    return build_model(config), processor
+    return build_model(config, shape.dtype), processor
 
 
 FACTORIES.add("smolvlm", _build)
