@@ -123,7 +123,7 @@ def _fingerprint(scoring: list[CalibSample], heldout: list[CalibSample]) -> str:
 # ---------------------------------------------------------------- files
 
 
-def _open_rgb(path: Path, where: str | None = None) -> Image.Image:
+def open_rgb(path: Path, where: str | None = None) -> Image.Image:
     """Open an image fully (not lazily) and flatten it to RGB, compositing alpha over white."""
     at = f"{where}: " if where else ""
     if not path.is_file():
@@ -177,7 +177,7 @@ def _from_jsonl(path: Path) -> list[CalibSample]:
     for no, rec in _read_jsonl(path):
         img = path.parent / rec["image"]  # an absolute "image" replaces the folder
         samples.append(
-            CalibSample(_open_rgb(img, f"{path}:{no}"), rec["prompt"], rec.get("answer"), str(img))
+            CalibSample(open_rgb(img, f"{path}:{no}"), rec["prompt"], rec.get("answer"), str(img))
         )
     return samples
 
@@ -207,7 +207,7 @@ def _from_dir(folder: Path) -> list[CalibSample]:
     for p in images:
         # An image may have several prompts; images prompts.jsonl does not mention still count.
         recs = by_name[p.name] or [(None, {"prompt": DEFAULT_PROMPT})]
-        img = _open_rgb(p, recs[0][0])
+        img = open_rgb(p, recs[0][0])
         samples += [CalibSample(img, r["prompt"], r.get("answer"), str(p)) for _, r in recs]
     return samples
 

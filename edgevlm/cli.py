@@ -117,7 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     _out_options(p)
 
     sub.add_parser("devices", help="list device profiles and mark the detected one")
+
+    p = sub.add_parser("run", help="answer a prompt about an image with an export (streams)")
+    p.add_argument("export", help="export folder or its manifest.json")
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    _runtime_options(p)
+
+    p = sub.add_parser("bench", help="time exports on this device (table + bench.json)")
+    p.add_argument("exports", nargs="+", help="export folders or manifests; 2+ are compared")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("-o", "--out", type=Path, default=None, help="write results as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="also write a PNG chart here")
+    _runtime_options(p)
     return parser
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="device profile: auto (detect) or a name from `edgevlm devices`")
+    p.add_argument("--runtime", default=None, help="onnxruntime or llama.cpp (default: by target)")
+    p.add_argument("--threads", type=int, default=None, help="default: the profile's")
 
 
 # -------------------------------------------------------------------------------- commands
@@ -366,8 +392,67 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _profile(name: str):
+    from edgevlm.devices import HostFacts, detect, get_profile
+
+    if name == "auto":
+        facts = HostFacts.read()
+        return detect(facts), facts
+    return get_profile(name), None
+
+
+def cmd_run(args) -> int:
+    from edgevlm.calib import open_rgb
+    from edgevlm.runtimes.bench import make_runner
+
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens {args.max_tokens} must be at least 1", "e.g. --max-tokens 64")
+    profile, _ = _profile(args.device)
+    image = open_rgb(args.image)
+    runner, artifact, _ = make_runner(args.export, profile, runtime=args.runtime,
+                                      threads=args.threads)
+    runner.load()
+    trace = runner.generate(image, args.prompt, max_tokens=args.max_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    info(f"[{runner.name} on {profile.name}: {trace.prompt_tokens} prompt tokens, "
+         f"TTFT {trace.ttft_s * 1e3:.0f} ms, {len(trace.tokens)} tokens"
+         + (f", {trace.decode_tok_s:.1f} tok/s" if trace.decode_tok_s else "") + f", stop: {trace.stop}]")
+    runner.close()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from edgevlm.runtimes.bench import BenchConfig, bench, format_table
+
+    if args.runs < 1 or args.warmup < 0 or args.gen_tokens < 2:
+        raise UsageError("--runs must be >= 1, --warmup >= 0 and --gen-tokens >= 2",
+                         "e.g. --runs 5 --warmup 1 --gen-tokens 128")
+    profile, facts = _profile(args.device)
+    config = BenchConfig(runs=args.runs, warmup=args.warmup, gen_tokens=args.gen_tokens,
+                         threads=args.threads, runtime=args.runtime)
+    results = []
+    for export in args.exports:
+        info(f"benchmarking {export} on {profile.name}")
+        results.append(bench(export, config, profile=profile, facts=facts))
+    names = [str(e).rstrip("/").removesuffix("/manifest.json") for e in args.exports]
+    print(format_table(results, names))
+    if args.out:
+        payload = results[0].to_dict() if len(results) == 1 else {
+            "results": [r.to_dict() for r in results], "names": names}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+        info(f"wrote {args.out}")
+    if args.plot:
+        from edgevlm.runtimes.chart import bench_chart
+
+        bench_chart(results, names, args.plot)
+    return 0
+
+
 COMMANDS = {"list": cmd_list, "inspect": cmd_inspect, "score": cmd_score, "prune": cmd_prune,
-            "eval": cmd_eval, "export": cmd_export, "devices": cmd_devices}
+            "eval": cmd_eval, "export": cmd_export, "devices": cmd_devices, "run": cmd_run,
+            "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:
@@ -389,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     set_quiet(args.quiet)
-    if args.command not in ("list", "devices"):
+    if args.command not in ("list", "devices", "run", "bench"):
         _quiet_libraries()
     try:
         return COMMANDS[args.command](args) or 0

@@ -162,3 +162,21 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     return value
+
+
+@dataclass
+class BenchResult(JsonMixin):
+    """bench.json: one export timed on one device. Unmeasurable figures are None, never 0."""
+
+    export: dict  # manifest path, target, quant, family, decoder layers
+    device: dict  # profile name, detected facts
+    runtime: str
+    config: dict  # runs, warmup, gen_tokens, threads, prompt
+    load_s: float
+    runs: list[dict]  # per run: image_ms, ttft_ms, prefill_tok_s, decode_tok_s, ...
+    summary: dict  # per metric: median, min, max, stdev
+    peak_rss_mb: float | None = None
+    peak_ram_mb: float | None = None  # Jetson unified memory (tegrastats)
+    power_w: dict | None = None  # Jetson mean/peak (tegrastats)
+    versions: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
