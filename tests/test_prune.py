@@ -142,7 +142,7 @@ def _uneven_model():
     vlm = _copy(load_tiny("llava"))
     factors = [3.0, 0.05, 2.0, 0.1, 1.5, 0.08, 2.5, 1.0]
     with torch.no_grad():
-        for layer, f in zip(vlm.adapter.layers(vlm.model), factors):
+        for layer, f in zip(vlm.adapter.layers(vlm.model), factors, strict=True):
             layer.self_attn.o_proj.weight.mul_(f)
             layer.mlp.down_proj.weight.mul_(f)
     return vlm
@@ -208,7 +208,7 @@ def test_cli_prune_then_replay_plan_and_eval(tmp_path, capsys):
     assert main(["-q", "prune", "tiny:qwen2-vl", "--plan", str(out / "plan.json"),
                  "-o", str(replay)]) == 0
     a, b = load(str(out / "pruned")), load(str(replay / "pruned"))
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     capsys.readouterr()
     assert main(["-q", "eval", "tiny:qwen2-vl", str(out / "pruned"), "--calib", "builtin:6",

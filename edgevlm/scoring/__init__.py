@@ -29,17 +29,51 @@ def score(vlm, samples, method: str, *, tokens: str | None = None, batch_size: i
 
     `tokens` is the token subset for methods that take one (bi: all|text|visual, default
     all; lc: default visual); other options are method-specific (angular: n; lc: naive;
-    svl: p). `calibration` is the calibration set's description, recorded with the scores.
-    Raises UsageError for an unknown method/option/subset and CalibrationError for no samples.
+    svl: p). `calibration` is the calibration set's description, recorded with the scores
+    (its `fingerprint` replaced by that of exactly these samples). Raises UsageError for an
+    unknown method/option/subset and CalibrationError when there are no samples.
     """
+    scorer, stored, runtime = _resolve(method, tokens, options)
+    samples = list(samples)
+    info = calibration_info(samples, calibration)
+    return _run(vlm, samples, scorer, stored, runtime, info, batch_size, progress)
+
+
+def score_cached(vlm, samples, method: str, *, tokens: str | None = None, batch_size: int = 4,
+                 progress: bool = True, calibration: dict | None = None,
+                 path: str | Path | None = None, use_cache: bool = True, **options) -> LayerScores:
+    """score(), unless matching scores exist: first `path` (e.g. out/scores.json), then the
+    cache (EDGEVLM_CACHE/scores/). A match has the same method, options, model fingerprint
+    and calibration-sample fingerprint. Fresh scores are written to the cache and to `path`
+    (when given); a stale `path` is overwritten. STATS counts 'computed' and 'reused'."""
+    scorer, stored, runtime = _resolve(method, tokens, options)
+    samples = list(samples)
+    info = calibration_info(samples, calibration)
+    key = cache_key(scorer.name, stored, vlm.fingerprint(), info["fingerprint"])
+    candidates = ([Path(path)] if path else []) + ([cache_file(key)] if use_cache else [])
+    for candidate in candidates:
+        found = load_matching(candidate, key)
+        if found is not None:
+            STATS["reused"] += 1
+            if path and candidate != Path(path):
+                found.save(path)
+            return found
+    result = _run(vlm, samples, scorer, stored, runtime, info, batch_size, progress)
+    STATS["computed"] += 1
+    if use_cache:
+        result.save(cache_file(key))
+    if path:
+        result.save(path)
+    return result
+
+
+def _run(vlm, samples, scorer: Scorer, stored: dict, runtime: dict, info: dict,
+         batch_size: int, progress: bool) -> LayerScores:
     import torch
 
     from edgevlm import __version__
 
-    scorer, stored, runtime = _resolve(method, tokens, options)
     n_layers = len(vlm.adapter.layers(vlm.model))
-    samples = list(samples)
-    info = calibration_info(samples, calibration)  # also validates before any model work
     bar = tqdm_bar(len(samples), f"{scorer.name} scores", progress)
 
     def batches():
@@ -55,34 +89,6 @@ def score(vlm, samples, method: str, *, tokens: str | None = None, batch_size: i
     return LayerScores(method=scorer.name, scores=[float(v) for v in values], options=stored,
                        model=vlm.name, fingerprint=vlm.fingerprint(), calibration=info,
                        version=__version__, extra=jsonable(extra))
-
-
-def score_cached(vlm, samples, method: str, *, calibration: dict | None = None,
-                 path: str | Path | None = None, use_cache: bool = True, **kwargs) -> LayerScores:
-    """score(), unless matching scores exist: first `path` (e.g. out/scores.json), then the
-    cache (EDGEVLM_CACHE/scores/). A match has the same method, options, model fingerprint
-    and calibration-sample fingerprint. Fresh scores are written to the cache and to `path`
-    (when given); a stale `path` is overwritten. STATS counts 'computed' and 'reused'."""
-    scorer, stored, _ = _resolve(method, kwargs.get("tokens"),
-                                 {k: v for k, v in kwargs.items()
-                                  if k not in ("tokens", "batch_size", "progress")})
-    info = calibration_info(list(samples), calibration)
-    key = cache_key(scorer.name, stored, vlm.fingerprint(), info["fingerprint"])
-    candidates = ([Path(path)] if path else []) + ([cache_file(key)] if use_cache else [])
-    for candidate in candidates:
-        found = load_matching(candidate, key)
-        if found is not None:
-            STATS["reused"] += 1
-            if path and candidate != Path(path):
-                found.save(path)
-            return found
-    result = score(vlm, samples, method, calibration=calibration, **kwargs)
-    STATS["computed"] += 1
-    if use_cache:
-        result.save(cache_file(key))
-    if path:
-        result.save(path)
-    return result
 
 
 def _resolve(method: str, tokens: str | None, options: dict):

@@ -23,8 +23,9 @@ def run_angular(vlm, batches, n_layers: int, n: int = 1) -> tuple[list[float], d
     import torch
 
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= n_layers:
-        raise UsageError(f"angular block size n={n!r} is outside 1..{n_layers} (the model has "
-                         f"{n_layers} decoder layers)", f"use an n-layers value between 1 and {n_layers}")
+        raise UsageError(f"angular block size n={n!r} is not a whole number in 1..{n_layers} (the "
+                         f"model has {n_layers} decoder layers)",
+                         f"use an n-layers value between 1 and {n_layers}")
     total = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
     count = 0
     for batch in batches:
@@ -45,12 +46,15 @@ def _last_token_states(vlm, batch, n_layers: int):
     """x_0..x_L at each row's last real token: (batch, L+1, hidden), float64."""
     import torch
 
-    rows = torch.arange(batch.size, device=batch.last.device)
     states: list = [None] * (n_layers + 1)
 
+    def pick(x):
+        rows = torch.arange(batch.size, device=x.device)
+        return x[rows, batch.last.to(x.device)].to(batch.last.device)
+
     def on_block(index, x_in, x_out):
-        states[index] = x_in[rows, batch.last]
-        states[index + 1] = x_out[rows, batch.last]
+        states[index] = pick(x_in)
+        states[index + 1] = pick(x_out)
 
     with capture_blocks(vlm, on_block):
         forward(vlm, batch)

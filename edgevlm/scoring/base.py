@@ -35,6 +35,10 @@ class Scorer:
             raise UsageError(f"scoring method '{self.name}' has no option {', '.join(map(repr, unknown))}",
                              f"options of '{self.name}': {accepted}")
         merged = {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
+        for key, value in merged.items():
+            # p=1 and p=1.0 are one request (and one cache entry)
+            if isinstance(self.defaults[key], float) and type(value) is int:
+                merged[key] = float(value)
         for key, allowed in self.choices.items():
             if merged[key] not in allowed:
                 raise UsageError(f"'{merged[key]}' is not a valid {key} for '{self.name}'",

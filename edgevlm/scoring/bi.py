@@ -23,6 +23,7 @@ class CosineStats:
         # Row-wise cosine in fp32; never an N x N matrix. NaN (zero vectors) -> 0.5 as in
         # the ShortGPT reference code.
         cos = F.cosine_similarity(x_in, x_out, dim=-1).nan_to_num(nan=0.5)
+        mask = mask.to(cos.device)  # layers may sit on other devices (device_map)
         self.sums[index] += float(cos[mask].double().sum())
         self.counts[index] += int(mask.sum())
 

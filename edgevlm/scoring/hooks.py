@@ -166,7 +166,7 @@ def head_logprobs(vlm, hidden, last):
     import torch
 
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    picked = hidden[rows, last]
+    picked = hidden[rows, last.to(hidden.device)]
     adapter = vlm.adapter
     logits = adapter.lm_head_module(vlm.model)(adapter.final_norm(vlm.model)(picked))
     return torch.log_softmax(logits.float(), dim=-1)

@@ -54,7 +54,7 @@ def _prefix(vlm, batch, mask) -> list:
     keep = mask.unsqueeze(-1)
     out = []
     for i, call in enumerate(calls):
-        hidden = torch.where(keep, call.input, call(call.input))
+        hidden = torch.where(keep.to(call.input.device), call.input, call(call.input))
         for later in calls[i + 1:]:
             hidden = later(hidden)
         out.append(kl(head_logprobs(vlm, hidden, batch.last), original))
@@ -91,10 +91,12 @@ def _zero_updates(layer, mask):
     keep = (~mask).unsqueeze(-1)
 
     def zero_attn(module, args, out):
-        return (out[0] * keep, *out[1:]) if isinstance(out, tuple) else out * keep
+        if isinstance(out, tuple):
+            return (out[0] * keep.to(out[0].device), *out[1:])
+        return out * keep.to(out.device)
 
     def zero_mlp(module, args, out):
-        return out * keep
+        return out * keep.to(out.device)
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
@@ -102,7 +104,7 @@ def _zero_updates(layer, mask):
         def substitute(module, args, kwargs, out):
             hidden = args[0] if args else kwargs["hidden_states"]
             res = out[0] if isinstance(out, tuple) else out
-            new = torch.where(keep, res, hidden)
+            new = torch.where(keep.to(res.device), res, hidden)
             return (new, *out[1:]) if isinstance(out, tuple) else new
         handles = [layer.register_forward_hook(substitute, with_kwargs=True)]
     else:

@@ -82,8 +82,8 @@ def _score_batch(vlm, batch, p: float, stats: CosineStats, kept_total: list[int]
         if weights is None:
             raise UsageError("the attention module returned no attention weights",
                              "SVL needs eager attention; load the model with attn_implementation='eager'")
-        importance = token_importance(weights.float().mean(1), visual, text)
-        keep[index] = top_p_mask(importance, visual, text, p)
+        attn = weights.float().mean(1).to(visual.device)
+        keep[index] = top_p_mask(token_importance(attn, visual, text), visual, text, p)
 
     def on_block(index, x_in, x_out):
         mask = keep.pop(index)

@@ -16,6 +16,8 @@ CORPUS = [
     "There are two objects: a circle and a rectangle, on a noisy textured background.",
     "Answer briefly. Yes. No. One, two, three, four, five, six, seven, eight, nine, ten.",
     "Row col 1 2 3 4 5 6 7 8 9 0 image picture photo texture pattern stripes dots lines",
+    # Real vocabularies have "\n\n" as one token; llama.cpp's idefics3 layout looks it up.
+    "Paragraph one.\n\nParagraph two.\n\nParagraph three.\n\n\n\nEnd.\n",
 ]
 
 
