@@ -79,21 +79,19 @@ class Runner:
             raise err from exc
 
 
-RUNTIMES: Registry[str] = Registry("runtime")  # name -> "module:Class", imported on use
+# name -> (export target, "module:Class"); the module is imported only when used.
+RUNTIMES: Registry[tuple[str, str]] = Registry("runtime")
+RUNTIMES.add("onnxruntime", ("onnx", "edgevlm.runtimes.ort_runner:OrtRunner"))
+RUNTIMES.add("llama.cpp", ("gguf", "edgevlm.runtimes.llamacpp_runner:LlamaCppRunner"))
 
 
 def runner_class(name: str) -> type[Runner]:
-    module, _, cls = RUNTIMES.get(name).partition(":")
+    module, _, cls = RUNTIMES.get(name)[1].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def runner_for_target(target: str) -> type[Runner]:
-    for name in RUNTIMES.names():
-        klass = runner_class(name)
-        if klass.target == target:
-            return klass
+    for name, (runs, _) in RUNTIMES.items():
+        if runs == target:
+            return runner_class(name)
     raise KeyError(target)
-
-
-RUNTIMES.add("onnxruntime", "edgevlm.runtimes.ort_runner:OrtRunner")
-RUNTIMES.add("llama.cpp", "edgevlm.runtimes.llamacpp_runner:LlamaCppRunner")

@@ -1,0 +1,242 @@
+"""llama.cpp runner: a GGUF export (text model + mmproj) through llama-cpp-python and its
+multimodal (mtmd) bindings. Torch-free.
+
+The prompt is the model's own chat template (embedded in the GGUF) with the image
+placeholder replaced by mtmd's media marker; mtmd adds each family's image wrapper tokens
+and positions (M-RoPE for Qwen2-VL, non-causal image attention for Gemma 3).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numpy as np
+
+from edgevlm.errors import EdgeVLMError
+from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.sampling import TextStream, sample_next
+
+# What each family's chat template writes for an image; mtmd's marker takes its place and
+# mtmd adds the family's own wrapper tokens around the image embeddings.
+IMAGE_PLACEHOLDER = {
+    "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "smolvlm": "<image>",
+    "llava": "<image>",
+    "gemma3": "<start_of_image>",
+}
+
+
+def _NO_CALLBACK():
+    from llama_cpp import mtmd_cpp as mtmd
+
+    return ctypes.cast(None, mtmd.mtmd_helper_post_decode_callback)
+
+
+def _silence_native_logs() -> None:
+    """llama.cpp and mtmd log every step to stderr; keep only our own output."""
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mtmd
+
+    global _LOG_SINK
+    if _LOG_SINK is None:
+        _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
+        mtmd.mtmd_helper_log_set(_LOG_SINK, ctypes.c_void_p(0))
+
+
+_LOG_SINK = None
+
+
+def render_chat(template: str, prompt: str, *, bos: str = "", eos: str = "") -> str:
+    """The chat template rendered for one user turn (image, then text), ready to answer."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=bos, eos_token=eos)
+
+
+class LlamaCppRunner(Runner):
+    """Runs `gguf` exports."""
+
+    name = "llama.cpp"
+    target = "gguf"
+    package = "llama_cpp"
+    pip_name = "llama-cpp-python"
+
+    def __init__(self, *args, n_ctx: int = 4096, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.n_ctx = n_ctx
+        self.llm = self.mtmd_ctx = None
+
+    def load(self) -> None:
+        llama_cpp = self.require(self.profile)
+        from llama_cpp import mtmd_cpp as mtmd
+
+        _silence_native_logs()
+        text = self.root / self.artifact.file("text_model").path
+        mmproj = self.root / self.artifact.file("mmproj").path
+        gpu_layers = self.profile.gpu_layers if self.profile else 0
+        threads = self.threads or 0
+        self.llm = llama_cpp.Llama(
+            model_path=str(text), n_ctx=self.n_ctx, n_batch=512, n_gpu_layers=gpu_layers,
+            n_threads=threads or None, n_threads_batch=threads or None, verbose=False)
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = gpu_layers != 0
+        params.n_threads = threads or 1
+        params.print_timings = False
+        params.warmup = False
+        self.mtmd_ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
+        if not self.mtmd_ctx:
+            raise EdgeVLMError(f"llama.cpp could not load the mmproj {mmproj}",
+                               "check the file; export it again if it is damaged")
+        meta = self.llm.metadata
+        self.template = meta.get("tokenizer.chat_template")
+        if not self.template:
+            raise EdgeVLMError(f"{text.name} has no tokenizer.chat_template",
+                               "export it again with edgevlm (it embeds the template)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos = self._piece(self.llm.token_bos())
+        self.eos = self._piece(self.llm.token_eos())
+
+    def _piece(self, token: int) -> str:
+        if token is None or token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def prompt_text(self, prompt: str) -> str:
+        from llama_cpp import mtmd_cpp as mtmd
+
+        text = render_chat(self.template, prompt, bos=self.bos, eos=self.eos)
+        placeholder = IMAGE_PLACEHOLDER[self.artifact.family]
+        marker = mtmd.mtmd_default_marker().decode()
+        if placeholder not in text:
+            raise EdgeVLMError("the chat template did not place the image",
+                               f"expected '{placeholder}' in the rendered prompt")
+        return text.replace(placeholder, marker, 1)
+
+    def _chunks(self, image, prompt: str):
+        from llama_cpp import mtmd_cpp as mtmd
+
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        height, width = rgb.shape[:2]
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = mtmd.mtmd_bitmap_init(width, height, buf)
+        chunks = mtmd.mtmd_input_chunks_init()
+        encoded = self.prompt_text(prompt).encode()
+        text = mtmd.mtmd_input_text()
+        text.text, text.text_len = encoded, len(encoded)
+        text.add_special, text.parse_special = False, True  # the template wrote BOS itself
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        try:
+            if mtmd.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+                raise EdgeVLMError("mtmd could not tokenize the prompt with the image",
+                                   "see llama.cpp's log")
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        return chunks
+
+    def _logits(self) -> np.ndarray:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _decode_text(self, ids: list[int], n_past: int, logits_last: bool) -> int:
+        """Decode tokens at explicit positions n_past.. (mtmd's single-chunk text helper
+        ignores n_past after an image chunk in this llama.cpp build)."""
+        import llama_cpp
+
+        for start in range(0, len(ids), self.llm.n_batch):
+            part = ids[start:start + self.llm.n_batch]
+            batch = llama_cpp.llama_batch_init(len(part), 0, 1)
+            try:
+                batch.n_tokens = len(part)
+                for i, token in enumerate(part):
+                    batch.token[i] = token
+                    batch.pos[i] = n_past + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = logits_last and start + i == len(ids) - 1
+                rc = llama_cpp.llama_decode(self.llm.ctx, batch)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            if rc != 0:
+                return rc
+        return 0
+
+    def generate(self, image, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0,
+                 ignore_eos=False, on_text=None) -> Trace:
+        import llama_cpp
+        from llama_cpp import mtmd_cpp as mtmd
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        start = time.perf_counter()
+        chunks = self._chunks(image, prompt)
+        n_past, prompt_tokens, image_s = 0, 0, 0.0
+        loop_start = time.perf_counter()
+        try:
+            count = mtmd.mtmd_input_chunks_size(chunks)
+            for i in range(count):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                prompt_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                new_n_past = llama_cpp.llama_pos(0)
+                last = i == count - 1
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    t0 = time.perf_counter()
+                    if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
+                        raise EdgeVLMError("mtmd could not encode the image", "see llama.cpp's log")
+                    image_s += time.perf_counter() - t0
+                    embd = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
+                    rc = mtmd.mtmd_helper_decode_image_chunk(
+                        self.mtmd_ctx, self.llm.ctx, chunk, embd, n_past, 0, self.llm.n_batch,
+                        ctypes.byref(new_n_past), _NO_CALLBACK(), None)
+                else:
+                    n = ctypes.c_size_t()
+                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    rc = self._decode_text([ptr[j] for j in range(n.value)], n_past, last)
+                    new_n_past.value = n_past + n.value
+                if rc != 0:
+                    raise EdgeVLMError(f"llama.cpp failed to evaluate prompt chunk {i} ({rc})",
+                                       "the prompt may not fit the context")
+                n_past = new_n_past.value
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        prefill_s = time.perf_counter() - loop_start - image_s
+        rng = np.random.default_rng(seed)
+        stream = TextStream(lambda ids: self.llm.detokenize(ids))
+        tokens, times, stop = [], [], "max_tokens"
+        logits = self._logits()
+        for _ in range(max_tokens):
+            token = sample_next(logits, temperature, top_p, rng)
+            times.append(time.perf_counter() - start)
+            if not ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                stop = "eos"
+                times.pop()
+                break
+            tokens.append(token)
+            piece = stream.push(token)
+            if on_text and piece:
+                on_text(piece)
+            if len(tokens) == max_tokens:
+                break
+            if self._decode_text([token], n_past, True) != 0:
+                raise EdgeVLMError("llama_decode failed", "the context is full: ask for fewer tokens")
+            n_past += 1
+            logits = self._logits()
+        return Trace(prompt_tokens=prompt_tokens, tokens=tokens, text=stream.text, image_s=image_s,
+                     prefill_s=prefill_s, token_times=times, stop=stop)
+
+    def close(self) -> None:
+        if self.mtmd_ctx:
+            from llama_cpp import mtmd_cpp as mtmd
+
+            mtmd.mtmd_free(self.mtmd_ctx)
+            self.mtmd_ctx = None
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None

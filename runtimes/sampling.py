@@ -1,0 +1,43 @@
+"""Next-token choice and incremental detokenisation shared by the runners (numpy only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def sample_next(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
+                rng: np.random.Generator | None = None) -> int:
+    """Greedy at temperature 0, else nucleus sampling at `temperature` and `top_p`."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = (logits.astype(np.float64) - logits.max()) / temperature
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < top_p  # always keeps the top token
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int((rng or np.random.default_rng()).choice(len(probs), p=probs))
+
+
+class TextStream:
+    """Turns a growing token list into text pieces, holding back incomplete UTF-8."""
+
+    def __init__(self, detokenize: Callable[[list[int]], bytes | str]):
+        self.detokenize = detokenize
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        raw = self.detokenize(self.ids)
+        full = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        piece, self.text = full[len(self.text):], full
+        return piece
