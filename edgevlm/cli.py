@@ -12,7 +12,7 @@ from pathlib import Path
 from edgevlm import __version__
 from edgevlm.errors import EdgeVLMError, UsageError
 from edgevlm.loader import DEFAULT_MODEL
-from edgevlm.ui import info, set_quiet
+from edgevlm.ui import info, native_stdout_silenced, set_quiet
 
 EPILOG = """examples:
   edgevlm export --model tiny:smolvlm --method bi --ratio 0.3 --target gguf -o out
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"hub id, local folder or tiny:<family> (default {DEFAULT_MODEL})")
     _score_options(p, required=False)
     _plan_options(p)
+    p.add_argument("--plan", type=Path, help="replay a plan.json instead of scoring")
     p.add_argument("--target", required=True, help="onnx or gguf")
     p.add_argument("--quant", default=None, help="onnx: none|int8|q4; gguf: f16|q8_0|q4_k_m|...")
     p.add_argument("--mmproj-type", default="f16", help="gguf mmproj type: f16 or q8_0")
@@ -265,8 +266,7 @@ def _plan(args, vlm, calib):
     from edgevlm.types import PrunePlan
 
     if args.plan:
-        plan = PrunePlan.load(args.plan).validate()
-        return None, plan
+        return None, PrunePlan.load(args.plan).validate()
     if not args.method:
         raise UsageError("say how to choose layers", "pass --method bi|angular|lc|svl or --plan plan.json")
     if args.ratio is None and args.n_layers is None:
@@ -364,14 +364,13 @@ def cmd_export(args) -> int:
     quant = args.quant or target.default_quant
     _early_checks(args)
     target.check(quant, None)
-    pruning = args.method or args.plan if hasattr(args, "plan") else args.method
+    pruning = args.method or args.plan
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
     target.check(quant, vlm.config)
     samples = calib.heldout or calib.scoring
-    extra = {"mmproj_type": args.mmproj_type} if target.name == "gguf" else {
-        "vision_quant": args.vision_quant}
     with staged_dir(args.out, args.force) as tmp:
+        plan = None
         if pruning:
             scores, plan = _plan(args, vlm, calib)
             if scores is not None:
@@ -381,9 +380,13 @@ def cmd_export(args) -> int:
         else:
             model_dir, plan_record = vlm.path, getattr(vlm.config, "edgevlm_plan", None)
         del vlm  # the exporter reloads the saved checkpoint as its reference
-        artifact = pipeline.export_target(
-            target.name, model_dir, tmp, quant=quant, plan=plan_record, base_model=args.model,
-            verify=not args.no_verify, samples=samples, **extra)
+        extra = ({"mmproj_type": args.mmproj_type, "name": pipeline.export_name(args.model, plan)}
+                 if target.name == "gguf" else {"vision_quant": args.vision_quant})
+        with native_stdout_silenced(not args.verbose):
+            artifact = pipeline.export_target(
+                target.name, model_dir, tmp, quant=quant, plan=plan_record,
+                base_model=args.model, verify=not args.no_verify, samples=samples,
+                progress=not args.quiet, **extra)
     print(f"exported {args.model} -> {args.out} ({target.name}, {quant})")
     for f in artifact.files:
         print(f"  {f.role:16s} {f.path}  {f.bytes / 1e6:.2f} MB")

@@ -60,6 +60,15 @@ def prune_and_save(vlm, plan: PrunePlan, out: Path) -> Path:
     return save_pruned(vlm, out / "pruned")
 
 
+def export_name(model: str, plan: PrunePlan | None) -> str:
+    """File-name stem for an export: 'SmolVLM-256M-Instruct-bi30', 'tiny-smolvlm'."""
+    stem = Path(model.replace(":", "-")).name or "model"
+    if plan is None:
+        return stem
+    amount = f"{round(plan.ratio * 100)}" if plan.ratio else f"-{len(plan.layers)}layers"
+    return f"{stem}-{plan.method}{amount}"
+
+
 def export_target(target_name: str, model_dir: Path, out: Path, *, quant: str, plan: dict | None,
                   base_model: str, verify: bool, samples, **kwargs):
     """Run a target's exporter into `out` and write out/manifest.json."""

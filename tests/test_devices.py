@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+
 from edgevlm.devices import (
     DeviceProfile,
     HostFacts,
@@ -22,7 +23,6 @@ from edgevlm.devices import (
     parse_tegrastats,
     physical_core_count,
 )
-
 from edgevlm.errors import EdgeVLMError, UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "devices"
