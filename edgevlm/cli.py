@@ -363,11 +363,13 @@ def cmd_export(args) -> int:
     target = TARGETS.get(args.target)
     quant = args.quant or target.default_quant
     _early_checks(args)
-    target.check(quant, None)
+    options = ({"mmproj_type": args.mmproj_type} if target.name == "gguf"
+               else {"vision_quant": args.vision_quant})
+    target.check(quant, None, **options)
     pruning = args.method or args.plan
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
-    target.check(quant, vlm.config)
+    target.check(quant, vlm.config, **options)
     samples = calib.heldout or calib.scoring
     with staged_dir(args.out, args.force) as tmp:
         plan = None
@@ -380,8 +382,8 @@ def cmd_export(args) -> int:
         else:
             model_dir, plan_record = vlm.path, getattr(vlm.config, "edgevlm_plan", None)
         del vlm  # the exporter reloads the saved checkpoint as its reference
-        extra = ({"mmproj_type": args.mmproj_type, "name": pipeline.export_name(args.model, plan)}
-                 if target.name == "gguf" else {"vision_quant": args.vision_quant})
+        extra = dict(options, name=pipeline.export_name(args.model, plan)) if (
+            target.name == "gguf") else options
         with native_stdout_silenced(not args.verbose):
             artifact = pipeline.export_target(
                 target.name, model_dir, tmp, quant=quant, plan=plan_record,

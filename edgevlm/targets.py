@@ -15,7 +15,7 @@ class ExportTarget:
     name: str
     module: str  # imported lazily: heavy optional dependencies
     export_fn: str
-    check_fn: str  # check_fn(quant, config) -> None, raises UsageError before any work
+    check_fn: str  # check_fn(quant, config=None, **options): UsageError before any work
     extra: str  # pip extra that installs its dependencies
     description: str
     quants: tuple[str, ...]
@@ -24,14 +24,14 @@ class ExportTarget:
     def export(self, *args, **kwargs):
         return getattr(importlib.import_module(self.module), self.export_fn)(*args, **kwargs)
 
-    def check(self, quant: str, config=None) -> None:
-        getattr(importlib.import_module(self.module), self.check_fn)(quant, config)
+    def check(self, quant: str, config=None, **options) -> None:
+        getattr(importlib.import_module(self.module), self.check_fn)(quant, config, **options)
 
 
 TARGETS: Registry[ExportTarget] = Registry("export target")
 TARGETS.add("onnx", ExportTarget(
     name="onnx", module="edgevlm.export.onnx_export", export_fn="export_onnx",
-    check_fn="check_onnx_quant", extra="onnx",
+    check_fn="check_onnx_target", extra="onnx",
     description="onnxruntime / transformers.js layout: vision encoder, embeddings, KV-cache decoder",
     quants=("none", "int8", "q4"), default_quant="none"))
 TARGETS.add("gguf", ExportTarget(

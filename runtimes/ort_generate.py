@@ -1,0 +1,369 @@
+"""Reference generation loop over an ONNX export: vision encoder -> embeddings -> KV-cache
+decoder, with numpy and onnxruntime only (no torch, no transformers), so a device can run it.
+
+The export folder is the transformers.js layout written by `edgevlm.export.onnx_export`:
+`config.json` plus `onnx/vision_encoder*.onnx`, `onnx/embed_tokens*.onnx`,
+`onnx/decoder_model_merged*.onnx`. Inputs are what the model's processor returns, as numpy.
+
+Speed: past and present KV are bound through IOBinding to one preallocated buffer per layer,
+so GroupQueryAttention appends in place (feeding `present` back as `past` cost ~30% decode
+speed at 512 cached tokens); `logits` is re-bound before every run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FAMILY_OF_MODEL_TYPE = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "smolvlm": "smolvlm",
+                        "idefics3": "smolvlm", "llava": "llava", "gemma3": "gemma3"}
+SUFFIX = {"none": "", "int8": "_quantized", "q4": "_q4"}
+
+
+@dataclass
+class Generation:
+    """Output of `OnnxVLM.generate`: greedy (or forced) tokens and what led to them."""
+
+    tokens: list[int]
+    prefill_logits: np.ndarray  # (vocab,) at the last prompt position
+    argmax: list[int] = field(default_factory=list)  # the graph's own top-1 at every step
+    image_features: np.ndarray | None = None
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def session(path: Path, threads: int | None = None, providers=None, config: dict | None = None):
+    """An InferenceSession with quiet logging, an optional thread count and optional session
+    config entries (e.g. {"session.intra_op.allow_spinning": "0"} when several sessions share
+    few cores: idle spinning threads of one slow down the other)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, str(value))
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxVLM:
+    """The three graphs of an export, run together."""
+
+    def __init__(self, folder: str | Path, *, quant: str = "none", vision_quant: str = "none",
+                 threads: int | None = None, providers=None, share_buffer: bool | None = None):
+        folder = Path(folder)
+        self.folder = folder
+        self.config = json.loads((folder / "config.json").read_text())
+        self.family = FAMILY_OF_MODEL_TYPE.get(self.config.get("model_type"), "")
+        text = self.config.get("text_config", self.config)
+        self.image_token_id = _image_token_id(self.config)
+        onnx_dir = folder / "onnx"
+        vision = onnx_dir / f"vision_encoder{SUFFIX[vision_quant]}.onnx"
+        # The small graphs run right before the decoder: their idle threads must not spin on
+        # the cores the decoder needs next.
+        quiet = {"session.intra_op.allow_spinning": "0"}
+        self.vision = session(vision, threads, providers, quiet) if vision.exists() else None
+        self.embed = session(onnx_dir / "embed_tokens.onnx", threads, providers, quiet)
+        self.decoder = Decoder(onnx_dir / f"decoder_model_merged{SUFFIX[quant]}.onnx",
+                               kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
+                               head_dim=int(text.get("head_dim")
+                                            or text["hidden_size"] // text["num_attention_heads"]),
+                               threads=threads, providers=providers, share_buffer=share_buffer)
+        self.has_position_ids = self.decoder.has_position_ids
+
+    # --- pieces ------------------------------------------------------------------------
+    def encode_image(self, inputs: dict) -> np.ndarray:
+        """Image features (num_image_tokens, hidden) from processor outputs."""
+        feeds = vision_inputs(self.family, self.config, inputs)
+        wanted = {i.name for i in self.vision.get_inputs()}
+        return self.vision.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]
+
+    def embeddings(self, input_ids: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """inputs_embeds with image features written at the image-token positions."""
+        embeds = self.embed.run(None, {"input_ids": input_ids.astype(np.int64)})[0]
+        if features is not None:
+            mask = input_ids == self.image_token_id
+            if int(mask.sum()) != len(features):
+                raise ValueError(f"{int(mask.sum())} image tokens but {len(features)} image features")
+            embeds[mask] = features.astype(embeds.dtype)
+        return embeds
+
+    # --- generation --------------------------------------------------------------------
+    def generate(self, inputs: dict, max_new_tokens: int = 16, *, eos_token_id=None,
+                 forced_tokens: list[int] | None = None) -> Generation:
+        """Greedy decoding for one prompt (batch 1). With `forced_tokens`, those are fed instead
+        of the argmax (teacher forcing) and `argmax` records what the graph would have chosen."""
+        input_ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+        if input_ids.shape[0] != 1:
+            raise ValueError("the reference loop runs one prompt at a time (batch 1)")
+        features = self.encode_image(inputs) if "pixel_values" in inputs and self.vision else None
+        embeds = self.embeddings(input_ids, features)
+        prompt_len = input_ids.shape[1]
+        positions, delta = self.prompt_positions(input_ids, inputs)
+        n_steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
+        cache = self.decoder.cache(max_len=prompt_len + n_steps + 1)
+        logits = cache.run(embeds, positions, self.biases(input_ids[0], 0))
+        prefill = logits.copy()
+        tokens, argmax = [], []
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        for step in range(n_steps):
+            best = int(np.argmax(logits))
+            argmax.append(best)
+            token = forced_tokens[step] if forced_tokens is not None else best
+            tokens.append(token)
+            if token in eos or step == n_steps - 1:
+                break
+            pos = prompt_len + step
+            step_pos = self.step_positions(pos, delta)
+            logits = cache.run(self.embeddings(np.array([[token]], dtype=np.int64)), step_pos,
+                               self.biases(np.array([token]), pos))
+        return Generation(tokens=tokens, prefill_logits=prefill, argmax=argmax, image_features=features)
+
+    def biases(self, new_ids: np.ndarray, past: int) -> dict | None:
+        """Attention biases for a torch.onnx fallback decoder (None for builder graphs)."""
+        if not self.decoder.bias_inputs:
+            return None
+        if past == 0:
+            self._prompt_ids = new_ids
+        text = self.config.get("text_config", self.config)
+        return gemma3_biases(self._prompt_ids, past, len(new_ids), self.image_token_id,
+                             text.get("sliding_window"))
+
+    def prompt_positions(self, input_ids, inputs):
+        """Position ids for the prompt (None where the graph derives them from the mask) and
+        the M-RoPE offset that continues them during decode."""
+        if not self.has_position_ids:
+            return None, 0
+        if self.family in ("qwen2-vl", "qwen2.5-vl"):
+            pos = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"), self.config)
+            return pos[:, None, :], int(pos.max()) + 1 - input_ids.shape[1]
+        return np.arange(input_ids.shape[1], dtype=np.int64)[None], 0
+
+    def step_positions(self, pos: int, delta: int):
+        if not self.has_position_ids:
+            return None
+        if self.family in ("qwen2-vl", "qwen2.5-vl"):
+            return np.full((3, 1, 1), pos + delta, dtype=np.int64)
+        return np.array([[pos]], dtype=np.int64)
+
+
+class Decoder:
+    """The builder's KV-cache decoder graph: `inputs_embeds`, `attention_mask`, optional
+    `position_ids`, `past_key_values.{i}.key/value` -> `logits` (last position),
+    `present.{i}.key/value`."""
+
+    def __init__(self, path: str | Path, *, kv_heads: int, head_dim: int, threads: int | None = None,
+                 providers=None, share_buffer: bool | None = None, config: dict | None = None):
+        self.session = session(path, threads, providers, config)
+        names = [i.name for i in self.session.get_inputs()]
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        self.has_position_ids = "position_ids" in names
+        # torch.onnx fallback graphs take host-made attention biases instead of a 2-D mask.
+        self.bias_inputs = [n for n in names if n.endswith("_attention_bias")]
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        meta = self.session.get_modelmeta().custom_metadata_map
+        in_place = meta.get("edgevlm.kv_in_place", "1") == "1"
+        self.share_buffer = in_place if share_buffer is None else (share_buffer and in_place)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.past_names) // 2
+
+    def cache(self, max_len: int) -> KVCache:
+        """A fresh KV cache able to hold `max_len` tokens."""
+        return KVCache(self, max_len)
+
+
+class KVCache:
+    """Per-layer KV buffers of the final length, bound as both past and present."""
+
+    def __init__(self, decoder: Decoder, max_len: int):
+        ort = _ort()
+        self.decoder = decoder
+        self.length = 0
+        self.max_len = max_len
+        shape = (1, decoder.kv_heads, max_len, decoder.head_dim)
+        if decoder.share_buffer:
+            self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                            for n in decoder.past_names}
+        else:
+            empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
+            self.past = {n: empty for n in decoder.past_names}
+        self.binding = decoder.session.io_binding()
+
+    def run(self, embeds: np.ndarray, positions, biases: dict | None = None) -> np.ndarray:
+        """One decoder call (prefill or a decode step); returns logits (vocab,) at the end.
+        `biases`: the attention-bias inputs of a torch.onnx fallback graph."""
+        dec, b = self.decoder, self.binding
+        if self.length + embeds.shape[1] > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; "
+                             f"{self.length + embeds.shape[1]} requested")
+        total = self.length + embeds.shape[1]
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        if dec.bias_inputs:
+            for name in dec.bias_inputs:
+                b.bind_cpu_input(name, np.ascontiguousarray(biases[name], dtype=np.float32))
+        else:
+            b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        if positions is not None:
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        if dec.share_buffer:
+            for past, present in zip(dec.past_names, dec.present_names, strict=True):
+                b.bind_ortvalue_input(past, self.buffers[past])
+                b.bind_ortvalue_output(present, self.buffers[past])
+        else:
+            for past, present in zip(dec.past_names, dec.present_names, strict=True):
+                b.bind_cpu_input(past, self.past[past])
+                b.bind_output(present)
+        b.bind_output("logits")
+        dec.session.run_with_iobinding(b)
+        # get_outputs() follows binding order: presents first, logits last.
+        outputs = dict(zip([*dec.present_names, "logits"], b.get_outputs(), strict=True))
+        if not dec.share_buffer:
+            self.past = {past: outputs[present].numpy()
+                         for past, present in zip(dec.past_names, dec.present_names, strict=True)}
+        self.length = total
+        logits = outputs["logits"].numpy()
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+
+def _image_token_id(config: dict) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        if config.get(key) is not None:
+            return int(config[key])
+    return None
+
+
+# --- host-side preprocessing (what the graphs leave out on purpose) -------------------------
+def gemma3_biases(prompt_ids: np.ndarray, past: int, new: int, image_token_id, window) -> dict:
+    """Gemma3's additive attention biases (1, 1, new, past + new): causal, except that tokens
+    of one image see each other both ways; sliding layers also see only `window` back."""
+    q = np.arange(past, past + new)[:, None]
+    k = np.arange(past + new)[None, :]
+    causal = k <= q
+    same_image = np.zeros_like(causal)
+    if image_token_id is not None:
+        ids = np.full(past + new, -1, dtype=np.int64)
+        n = min(len(prompt_ids), past + new)
+        ids[:n] = prompt_ids[:n]
+        is_image = ids == image_token_id
+        starts = is_image & ~np.concatenate([[False], is_image[:-1]])
+        block = np.where(is_image, np.cumsum(starts), 0)  # one id per run of image tokens
+        same_image = (block[q] > 0) & (block[q] == block[k])
+    full = causal | same_image
+    sliding = ((causal & (q - k < window)) | same_image) if window else full
+    floor = np.finfo(np.float32).min
+    return {"full_attention_bias": np.where(full, 0.0, floor).astype(np.float32)[None, None],
+            "sliding_attention_bias": np.where(sliding, 0.0, floor).astype(np.float32)[None, None]}
+
+
+def vision_inputs(family: str, config: dict, inputs: dict) -> dict:
+    """Graph inputs for a family's vision encoder from processor outputs (numpy)."""
+    pv = np.asarray(inputs["pixel_values"], dtype=np.float32)
+    if family == "smolvlm":
+        # (B, tiles, 3, H, W), padded with all-zero tiles: drop those, as the model does.
+        mask = inputs.get("pixel_attention_mask")
+        flat = pv.reshape(-1, *pv.shape[-3:])
+        mask = (np.ones((flat.shape[0], *flat.shape[-2:]), np.int64) if mask is None
+                else np.asarray(mask).reshape(-1, *flat.shape[-2:]).astype(np.int64))
+        real = (flat != 0).reshape(len(flat), -1).any(axis=1)
+        if not real.any():
+            real[0] = True
+        return {"pixel_values": flat[real], "pixel_attention_mask": mask[real]}
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        return qwen_vision_inputs(config, pv, np.asarray(inputs["image_grid_thw"], dtype=np.int64))
+    return {"pixel_values": pv}
+
+
+def mrope_position_ids(input_ids: np.ndarray, image_grid_thw, config: dict) -> np.ndarray:
+    """Qwen2-VL/2.5-VL 3-D (temporal, height, width) position ids (3, S) for one prompt."""
+    merge = int(config["vision_config"].get("spatial_merge_size", 2))
+    image_id = _image_token_id(config)
+    grids = iter(np.asarray(image_grid_thw).reshape(-1, 3).tolist() if image_grid_thw is not None else [])
+    is_image = input_ids == image_id
+    out, pos, i, n = [], 0, 0, len(input_ids)
+    while i < n:
+        j = i
+        while j < n and is_image[j] == is_image[i]:
+            j += 1
+        if not is_image[i]:
+            out.append(np.broadcast_to(np.arange(pos, pos + j - i), (3, j - i)))
+            pos += j - i
+        else:
+            t, h, w = next(grids)
+            gt, gh, gw = t, h // merge, w // merge
+            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh) + pos, np.arange(gw) + pos,
+                                     indexing="ij")
+            block = np.stack([tt + pos, hh, ww]).reshape(3, -1)
+            out.append(block[:, : j - i])
+            pos += max(h, w) // merge
+        i = j
+    return np.concatenate(out, axis=1).astype(np.int64)
+
+
+def qwen_vision_inputs(config: dict, patches: np.ndarray, grid_thw: np.ndarray) -> dict:
+    """Host-computed inputs of the Qwen2-VL/2.5-VL vision graph: rotary position ids,
+    block-diagonal attention bias (per image; per window for Qwen2.5-VL's windowed blocks)
+    and Qwen2.5-VL's window reordering."""
+    vcfg = config["vision_config"]
+    merge = int(vcfg.get("spatial_merge_size", 2))
+    pos = []
+    for t, h, w in grid_thw.tolist():
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // merge, merge, w // merge, merge)
+        hh = hh.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        ww = ww.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        pos.append(np.tile(np.stack([hh, ww], axis=-1), (t, 1)))
+    pos = np.concatenate(pos).astype(np.int64)
+    seqlens = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    cu = np.concatenate([[0], np.cumsum(seqlens)])
+    feeds = {"pixel_values": patches.astype(np.float32), "vision_position_ids": pos,
+             "attention_bias": _block_bias(cu, len(patches))}
+    if config.get("model_type") == "qwen2_5_vl":
+        index, cu_window = _window_index(grid_thw, merge, int(vcfg["window_size"]),
+                                         int(vcfg["patch_size"]))
+        feeds["window_index"] = index
+        feeds["window_reverse_index"] = np.argsort(index).astype(np.int64)
+        feeds["window_bias"] = _block_bias(cu_window, len(patches))
+    return feeds
+
+
+def _block_bias(cu: np.ndarray, n: int) -> np.ndarray:
+    """Additive attention bias (1, 1, n, n): 0 inside each [cu[i], cu[i+1]) block, -inf-ish off it."""
+    seg = np.searchsorted(np.asarray(cu)[1:], np.arange(n), side="right")
+    bias = np.where(seg[:, None] == seg[None, :], 0.0, np.finfo(np.float32).min)
+    return bias.astype(np.float32)[None, None]
+
+
+def _window_index(grid_thw: np.ndarray, merge: int, window_size: int, patch_size: int):
+    """Qwen2.5-VL window order of merged tokens and window boundaries in patches
+    (a numpy port of transformers.vision_utils.get_vision_window_index)."""
+    index_all, cu = [], [0]
+    offset = 0
+    win = window_size // merge // patch_size
+    unit = merge * merge
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = win - gh % win, win - gw % win
+        nh, nw = (gh + pad_h) // win, (gw + pad_w) // win
+        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
+        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
+        seqlens = (padded != -100).sum(axis=(2, 3)).reshape(-1)
+        flat = padded.reshape(-1)
+        index_all.append(flat[flat != -100] + offset)
+        cu.extend((np.cumsum(seqlens) * unit + cu[-1]).tolist())
+        offset += t * gh * gw
+    cu = np.array(cu, dtype=np.int64)
+    cu = cu[np.concatenate([[True], np.diff(cu) != 0])]
+    return np.concatenate(index_all).astype(np.int64), cu
