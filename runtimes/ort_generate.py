@@ -96,20 +96,34 @@ class OnnxVLM:
         return embeds
 
     # --- generation --------------------------------------------------------------------
+    def prefill(self, inputs: dict, max_new_tokens: int, features: np.ndarray | None = None):
+        """Run the prompt; returns (state, logits at the last position). `features`: image
+        features already computed (to time the vision encoder apart), else computed here."""
+        input_ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+        if input_ids.shape[0] != 1:
+            raise ValueError("the reference loop runs one prompt at a time (batch 1)")
+        if features is None and "pixel_values" in inputs and self.vision:
+            features = self.encode_image(inputs)
+        embeds = self.embeddings(input_ids, features)
+        positions, delta = self.prompt_positions(input_ids, inputs)
+        cache = self.decoder.cache(max_len=input_ids.shape[1] + max_new_tokens + 1)
+        logits = cache.run(embeds, positions, self.biases(input_ids[0], 0))
+        return DecodeState(cache, input_ids.shape[1], delta, features), logits
+
+    def step(self, state: DecodeState, token: int) -> np.ndarray:
+        """Append one token; returns the next logits."""
+        pos = state.cache.length
+        logits = state.cache.run(self.embeddings(np.array([[token]], dtype=np.int64)),
+                                 self.step_positions(pos, state.delta),
+                                 self.biases(np.array([token]), pos))
+        return logits
+
     def generate(self, inputs: dict, max_new_tokens: int = 16, *, eos_token_id=None,
                  forced_tokens: list[int] | None = None) -> Generation:
         """Greedy decoding for one prompt (batch 1). With `forced_tokens`, those are fed instead
         of the argmax (teacher forcing) and `argmax` records what the graph would have chosen."""
-        input_ids = np.asarray(inputs["input_ids"], dtype=np.int64)
-        if input_ids.shape[0] != 1:
-            raise ValueError("the reference loop runs one prompt at a time (batch 1)")
-        features = self.encode_image(inputs) if "pixel_values" in inputs and self.vision else None
-        embeds = self.embeddings(input_ids, features)
-        prompt_len = input_ids.shape[1]
-        positions, delta = self.prompt_positions(input_ids, inputs)
         n_steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
-        cache = self.decoder.cache(max_len=prompt_len + n_steps + 1)
-        logits = cache.run(embeds, positions, self.biases(input_ids[0], 0))
+        state, logits = self.prefill(inputs, n_steps)
         prefill = logits.copy()
         tokens, argmax = [], []
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -120,11 +134,9 @@ class OnnxVLM:
             tokens.append(token)
             if token in eos or step == n_steps - 1:
                 break
-            pos = prompt_len + step
-            step_pos = self.step_positions(pos, delta)
-            logits = cache.run(self.embeddings(np.array([[token]], dtype=np.int64)), step_pos,
-                               self.biases(np.array([token]), pos))
-        return Generation(tokens=tokens, prefill_logits=prefill, argmax=argmax, image_features=features)
+            logits = self.step(state, token)
+        return Generation(tokens=tokens, prefill_logits=prefill, argmax=argmax,
+                          image_features=state.features)
 
     def biases(self, new_ids: np.ndarray, past: int) -> dict | None:
         """Attention biases for a torch.onnx fallback decoder (None for builder graphs)."""
@@ -152,6 +164,16 @@ class OnnxVLM:
         if self.family in ("qwen2-vl", "qwen2.5-vl"):
             return np.full((3, 1, 1), pos + delta, dtype=np.int64)
         return np.array([[pos]], dtype=np.int64)
+
+
+@dataclass
+class DecodeState:
+    """A prompt in progress: its KV cache and the M-RoPE offset for the next positions."""
+
+    cache: KVCache
+    prompt_len: int
+    delta: int
+    features: np.ndarray | None
 
 
 class Decoder:

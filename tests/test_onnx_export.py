@@ -257,3 +257,33 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
             export_onnx(materialize_tiny("tiny:llava"), stage, samples=_samples(), gen_tokens=2,
                         progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_runner_greedy_tokens_equal_pytorch(exports, family):
+    """The torch-free runner (numpy preprocessing + the three graphs) generates exactly what
+    PyTorch generates from the HF processor's inputs, image included."""
+    import torch
+
+    from edgevlm.devices import get_profile
+    from edgevlm.prompting import chat_text
+    from edgevlm.runtimes.bench import make_runner
+
+    out, art = exports(family)
+    art.save(out / "manifest.json")
+    runner, _, _ = make_runner(out, get_profile("laptop-x86"))
+    runner.decoder_quant = runner.vision_quant = "none"  # fp32 graphs: exact parity
+    runner.load()
+    image = _samples(((90, 60),))[0].image
+    prompt = "What is in this picture?"
+    trace = runner.generate(image, prompt, max_tokens=GEN_TOKENS, ignore_eos=True)
+    vlm = load_tiny(family)
+    batch = vlm.processor(text=[chat_text(vlm.processor, prompt)], images=[[image]],
+                          return_tensors="pt")
+    model = copy.deepcopy(vlm.model)
+    model.generation_config.eos_token_id = None  # generate exactly GEN_TOKENS, as the runner
+    with torch.no_grad():
+        ids = model.generate(**batch, max_new_tokens=GEN_TOKENS, do_sample=False,
+                             pad_token_id=0)
+    assert trace.tokens == ids[0, batch["input_ids"].shape[1]:].tolist()
+    assert trace.prompt_tokens == batch["input_ids"].shape[1]
+    assert trace.text == runner.pre.decode(trace.tokens)

@@ -1,0 +1,84 @@
+"""onnxruntime runner: an ONNX export (vision encoder, embeddings, KV-cache decoder) with
+numpy/Pillow preprocessing that reproduces the HF processor. Torch-free."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.sampling import sample_next
+
+
+class OrtRunner(Runner):
+    """Runs `onnx` exports with the decoder variant the export was made for."""
+
+    name = "onnxruntime"
+    target = "onnx"
+    package = "onnxruntime"
+    pip_name = "onnxruntime"
+
+    def __init__(self, *args, decoder_quant: str | None = None, vision_quant: str | None = None,
+                 **kwargs):
+        """`decoder_quant`/`vision_quant` pick another variant of the export (e.g. "none" for
+        the fp32 graphs); default: the quantization the export was made for."""
+        super().__init__(*args, **kwargs)
+        self.decoder_quant, self.vision_quant = decoder_quant, vision_quant
+
+    def load(self) -> None:
+        self.require(self.profile)
+        from edgevlm.runtimes.ort_generate import OnnxVLM
+        from edgevlm.runtimes.preprocess import load_preprocessor
+
+        folder = self.root / "onnx"
+        quant = self.artifact.quantization
+        providers = self.profile.providers_for("decoder") if self.profile else None
+        self.vlm = OnnxVLM(folder, quant=self.decoder_quant or quant.get("decoder", "none"),
+                           vision_quant=self.vision_quant or quant.get("vision_encoder", "none"),
+                           threads=self.threads, providers=_available(providers))
+        self.pre = load_preprocessor(folder)
+
+    def generate(self, image, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0,
+                 ignore_eos=False, on_text=None) -> Trace:
+        start = time.perf_counter()
+        inputs = self.pre(image, prompt)
+        t0 = time.perf_counter()
+        features = self.vlm.encode_image(inputs) if self.vlm.vision else None
+        t1 = time.perf_counter()
+        state, logits = self.vlm.prefill(inputs, max_tokens, features)
+        prefill_s = time.perf_counter() - t1
+        rng = np.random.default_rng(seed)
+        eos = set(self.pre.eos_token_ids)
+        stream = self.pre.stream()
+        tokens, times, stop = [], [], "max_tokens"
+        for _ in range(max_tokens):
+            token = sample_next(logits, temperature, top_p, rng)
+            if not ignore_eos and token in eos:
+                stop = "eos"
+                break
+            times.append(time.perf_counter() - start)
+            tokens.append(token)
+            piece = stream.push(token)
+            if on_text and piece:
+                on_text(piece)
+            if len(tokens) == max_tokens:
+                break
+            logits = self.vlm.step(state, token)
+        rest = stream.flush()
+        if on_text and rest:
+            on_text(rest)
+        return Trace(prompt_tokens=int(inputs["input_ids"].shape[1]), tokens=tokens,
+                     text=self.pre.decode(tokens), image_s=t1 - t0, prefill_s=prefill_s,
+                     token_times=times, stop=stop)
+
+
+def _available(providers):
+    """The profile's providers that this onnxruntime build has, in the profile's order."""
+    if not providers:
+        return None
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in have]
+    return chosen or ["CPUExecutionProvider"]
