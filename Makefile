@@ -18,9 +18,14 @@ $(BIN)/.installed: pyproject.toml setup.py constraints.txt
 
 install: $(BIN)/.installed
 
+# The whole chain offline on a tiny random model: score, prune 30%, export to GGUF and ONNX
+# (each verified against PyTorch), answer about an image, and time both exports.
 demo: install
 	$(BIN)/edgevlm inspect tiny:smolvlm
-	$(BIN)/edgevlm export --model tiny:smolvlm --method bi --ratio 0.3 --target gguf -o out/demo --force
+	$(BIN)/edgevlm -q export --model tiny:smolvlm --method bi --ratio 0.3 --target gguf -o out/demo-gguf --force
+	$(BIN)/edgevlm -q export --model tiny:smolvlm --method bi --ratio 0.3 --target onnx --quant q4 -o out/demo-onnx --force
+	$(BIN)/edgevlm run out/demo-onnx --image builtin --prompt "What is in the image?" --max-tokens 24
+	$(BIN)/edgevlm -q bench out/demo-gguf out/demo-onnx --runs 3 --gen-tokens 32 -o out/bench.json
 
 lint: install
 	$(BIN)/ruff check .

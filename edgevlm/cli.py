@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="answer a prompt about an image with an export (streams)")
     p.add_argument("export", help="export folder or its manifest.json")
-    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--image", required=True,
+                   help="image file, or 'builtin' for a generated test picture")
     p.add_argument("--prompt", default="Describe this image.")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -408,12 +409,12 @@ def _profile(name: str):
 
 def cmd_run(args) -> int:
     from edgevlm.calib import open_rgb
-    from edgevlm.runtimes.bench import make_runner
+    from edgevlm.runtimes.bench import bench_image, make_runner
 
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens} must be at least 1", "e.g. --max-tokens 64")
     profile, _ = _profile(args.device)
-    image = open_rgb(args.image)
+    image = bench_image() if args.image == "builtin" else open_rgb(Path(args.image))
     runner, artifact, _ = make_runner(args.export, profile, runtime=args.runtime,
                                       threads=args.threads)
     runner.load()
@@ -461,6 +462,11 @@ COMMANDS = {"list": cmd_list, "inspect": cmd_inspect, "score": cmd_score, "prune
 
 
 def _quiet_libraries() -> None:
+    import logging
+
+    # The ONNX exporters log every graph pass at INFO once anything configures logging.
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

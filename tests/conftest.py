@@ -43,3 +43,18 @@ def family(request) -> str:
 @pytest.fixture
 def tiny(family):
     return load_tiny(family)
+
+
+def pruned_checkpoint(family: str, drop: list[int], dest):
+    """A checkpoint folder of tiny:<family> with `drop` removed, made by the pruning stage."""
+    import copy
+
+    from edgevlm.loader import LoadedVLM
+    from edgevlm.prune import prune_, save_pruned
+    from edgevlm.types import PrunePlan
+
+    base = load_tiny(family)
+    vlm = LoadedVLM(model=copy.deepcopy(base.model), processor=base.processor,
+                    adapter=base.adapter, name=base.name, path=base.path)
+    prune_(vlm, PrunePlan("manual", base.adapter.num_layers(base.config), sorted(drop)))
+    return save_pruned(vlm, dest)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tiny
+from conftest import load_tiny, pruned_checkpoint
 from PIL import Image
 
 from edgevlm.calib import CalibSample
@@ -41,27 +41,6 @@ def _samples(sizes=((56, 56),)):
     return [CalibSample(image=Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)),
                         prompt="What is in this picture?", answer=None, source=f"test:{w}x{h}")
             for w, h in sizes]
-
-
-def _prune_copy(family: str, drop: list[int], dest: Path) -> Path:
-    """A pruned checkpoint folder, made the way the pruning stage makes one."""
-    vlm = load_tiny(family)
-    model = copy.deepcopy(vlm.model)
-    layers = vlm.adapter.layers(model)
-    for i in sorted(drop, reverse=True):
-        del layers[i]
-    for new_idx, layer in enumerate(layers):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    text = model.config.get_text_config()
-    kept = [i for i in range(text.num_hidden_layers) if i not in drop]
-    if getattr(text, "layer_types", None):
-        text.layer_types = [text.layer_types[i] for i in kept]
-    text.num_hidden_layers = len(kept)
-    model.save_pretrained(dest)
-    vlm.processor.save_pretrained(dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +169,7 @@ def test_pruned_export_has_fewer_layers(tmp_path):
     from edgevlm.export.onnx_export import export_onnx
     from edgevlm.runtimes.ort_generate import OnnxVLM
 
-    pruned = _prune_copy("llava", [2, 5], tmp_path / "pruned")
+    pruned = pruned_checkpoint("llava", [2, 5], tmp_path / "pruned")
     art = export_onnx(pruned, tmp_path / "out", samples=_samples(), gen_tokens=8, progress=False)
     assert art.io["num_layers"] == 6
     runner = OnnxVLM(tmp_path / "out" / "onnx")
