@@ -102,21 +102,30 @@ def load_calibration(
     return CalibSet(scoring=scoring, heldout=heldout, description=description)
 
 
-def _fingerprint(scoring: list[CalibSample], heldout: list[CalibSample]) -> str:
-    h = hashlib.sha256()
+def hash_samples(samples, digest=None):
+    """Feed samples (sizes, pixels, prompts, answers, in order) into a sha256; returns it.
+
+    Every field is length-prefixed, so ("ab", "c") and ("a", "bc") hash differently.
+    """
+    digest = digest or hashlib.sha256()
 
     def put(data: bytes) -> None:
-        # Length-prefixed so that ("ab", "c") and ("a", "bc") hash differently.
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
 
+    for s in samples:
+        put(f"{s.image.width}x{s.image.height}".encode())
+        put(s.image.tobytes())
+        put(s.prompt.encode())
+        put(b"\0" if s.answer is None else b"A" + s.answer.encode())
+    return digest
+
+
+def _fingerprint(scoring: list[CalibSample], heldout: list[CalibSample]) -> str:
+    h = hashlib.sha256()
     for part, samples in ((b"scoring", scoring), (b"heldout", heldout)):
-        put(part)
-        for s in samples:
-            put(f"{s.image.width}x{s.image.height}".encode())
-            put(s.image.tobytes())
-            put(s.prompt.encode())
-            put(b"\0" if s.answer is None else b"A" + s.answer.encode())
+        h.update(len(part).to_bytes(8, "little") + part)
+        hash_samples(samples, h)
     return h.hexdigest()
 
 

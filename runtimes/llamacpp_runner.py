@@ -15,7 +15,7 @@ import numpy as np
 
 from edgevlm.errors import EdgeVLMError
 from edgevlm.runtimes.base import Runner, Trace
-from edgevlm.runtimes.sampling import TextStream, sample_next
+from edgevlm.runtimes.sampling import TextStream, decode_loop
 
 # What each family's chat template writes for an image; mtmd's marker takes its place and
 # mtmd adds the family's own wrapper tokens around the image embeddings.
@@ -207,27 +207,19 @@ class LlamaCppRunner(Runner):
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
         prefill_s = time.perf_counter() - loop_start - image_s
-        rng = np.random.default_rng(seed)
-        stream = TextStream(lambda ids: self.llm.detokenize(ids))
-        tokens, times, stop = [], [], "max_tokens"
-        logits = self._logits()
-        for _ in range(max_tokens):
-            token = sample_next(logits, temperature, top_p, rng)
-            times.append(time.perf_counter() - start)
-            if not ignore_eos and llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                stop = "eos"
-                times.pop()
-                break
-            tokens.append(token)
-            piece = stream.push(token)
-            if on_text and piece:
-                on_text(piece)
-            if len(tokens) == max_tokens:
-                break
-            if self._decode_text([token], n_past, True) != 0:
+        position = [n_past]
+
+        def step(token: int) -> np.ndarray:
+            if self._decode_text([token], position[0], True) != 0:
                 raise EdgeVLMError("llama_decode failed", "the context is full: ask for fewer tokens")
-            n_past += 1
-            logits = self._logits()
+            position[0] += 1
+            return self._logits()
+
+        stream = TextStream(lambda ids: self.llm.detokenize(ids))
+        tokens, times, stop = decode_loop(
+            self._logits(), step, lambda t: llama_cpp.llama_vocab_is_eog(self.vocab, t), stream,
+            start=start, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            ignore_eos=ignore_eos, on_text=on_text)
         return Trace(prompt_tokens=prompt_tokens, tokens=tokens, text=stream.text, image_s=image_s,
                      prefill_s=prefill_s, token_times=times, stop=stop)
 

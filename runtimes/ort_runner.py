@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from edgevlm.runtimes.base import Runner, Trace
-from edgevlm.runtimes.sampling import sample_next
+from edgevlm.runtimes.sampling import decode_loop
 
 
 class OrtRunner(Runner):
@@ -48,26 +46,11 @@ class OrtRunner(Runner):
         t1 = time.perf_counter()
         state, logits = self.vlm.prefill(inputs, max_tokens, features)
         prefill_s = time.perf_counter() - t1
-        rng = np.random.default_rng(seed)
         eos = set(self.pre.eos_token_ids)
-        stream = self.pre.stream()
-        tokens, times, stop = [], [], "max_tokens"
-        for _ in range(max_tokens):
-            token = sample_next(logits, temperature, top_p, rng)
-            if not ignore_eos and token in eos:
-                stop = "eos"
-                break
-            times.append(time.perf_counter() - start)
-            tokens.append(token)
-            piece = stream.push(token)
-            if on_text and piece:
-                on_text(piece)
-            if len(tokens) == max_tokens:
-                break
-            logits = self.vlm.step(state, token)
-        rest = stream.flush()
-        if on_text and rest:
-            on_text(rest)
+        tokens, times, stop = decode_loop(
+            logits, lambda token: self.vlm.step(state, token), eos.__contains__,
+            self.pre.stream(), start=start, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, ignore_eos=ignore_eos, on_text=on_text)
         return Trace(prompt_tokens=int(inputs["input_ids"].shape[1]), tokens=tokens,
                      text=self.pre.decode(tokens), image_s=t1 - t0, prefill_s=prefill_s,
                      token_times=times, stop=stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -41,3 +42,36 @@ class TextStream:
             return ""
         piece, self.text = full[len(self.text):], full
         return piece
+
+    def flush(self) -> str:
+        return ""  # push() emits everything but an unfinished character
+
+
+def decode_loop(logits: np.ndarray, step: Callable[[int], np.ndarray],
+                is_eos: Callable[[int], bool], stream, *, start: float, max_tokens: int,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                ignore_eos: bool = False, on_text: Callable[[str], None] | None = None):
+    """Choose, stream and feed back tokens until EOS or max_tokens.
+
+    `step(token)` runs the model on one token and returns the next logits; `stream` has
+    push()/flush() (text pieces). Returns (tokens, times since `start`, stop reason)."""
+    rng = np.random.default_rng(seed)
+    tokens: list[int] = []
+    times: list[float] = []
+    stop = "max_tokens"
+    for _ in range(max_tokens):
+        token = sample_next(logits, temperature, top_p, rng)
+        if not ignore_eos and is_eos(token):
+            stop = "eos"
+            break
+        times.append(time.perf_counter() - start)
+        tokens.append(token)
+        piece = stream.push(token)
+        if on_text and piece:
+            on_text(piece)
+        if len(tokens) < max_tokens:
+            logits = step(token)
+    rest = stream.flush()
+    if on_text and rest:
+        on_text(rest)
+    return tokens, times, stop

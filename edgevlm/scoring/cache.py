@@ -16,18 +16,9 @@ STATS: Counter = Counter()
 
 def samples_fingerprint(samples) -> str:
     """sha256 over the scored samples' pixels, sizes, prompts and answers, in order."""
-    digest = hashlib.sha256()
+    from edgevlm.calib import hash_samples
 
-    def put(data: bytes) -> None:
-        digest.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguity
-        digest.update(data)
-
-    for sample in samples:
-        put(f"{sample.image.width}x{sample.image.height}".encode())
-        put(sample.image.tobytes())
-        put(sample.prompt.encode())
-        put(b"\0" if sample.answer is None else b"A" + sample.answer.encode())
-    return digest.hexdigest()
+    return hash_samples(samples).hexdigest()
 
 
 def calibration_info(samples, description: dict | None = None) -> dict:
