@@ -44,7 +44,7 @@ def _build(shape, qwen25: bool):
     if qwen25:
         vision = {**dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
                          out_hidden_size=shape.hidden, fullatt_block_indexes=[1, 3],
-                         window_size=56), **shape.vision}
+                         window_size=112), **shape.vision}
         config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids,
                                      **special_ids(tok), **shape.config)
         name = "Qwen2_5_VLProcessor"

@@ -1,0 +1,224 @@
+"""export_gguf(): checkpoint folder -> <name>-<quant>.gguf + mmproj-<name>-<type>.gguf, verified."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+from edgevlm.errors import EdgeVLMError, UsageError, require
+from edgevlm.export.gguf_export import quantize as q
+from edgevlm.export.gguf_export import text
+from edgevlm.export.gguf_export.families import family_module
+from edgevlm.export.gguf_export.source import CheckpointSource, read_config
+from edgevlm.export.gguf_export.vision import processor_config
+from edgevlm.export.gguf_export.writer import write_gguf
+from edgevlm.types import ExportArtifact
+
+
+def _config_dict(model_config) -> dict:
+    if isinstance(model_config, dict):
+        return model_config
+    if hasattr(model_config, "to_dict"):
+        return model_config.to_dict()
+    return read_config(Path(model_config))
+
+
+def check_gguf_quant(quant: str, model_config=None, mmproj_type: str = "f16") -> None:
+    """Raise UsageError before any work if `quant` or `mmproj_type` is unknown or this model
+    cannot take it (UnsupportedModelError when the family cannot be written at all).
+
+    `model_config` is a transformers config, a config.json dict or a checkpoint folder; with
+    None only the quant and mmproj names are checked (before a model is loaded or pruned).
+    """
+    spec = q.resolve_quant(quant)
+    q.resolve_mmproj_type(mmproj_type)
+    if model_config is None:
+        return
+    cfg = _config_dict(model_config)
+    _family, module = family_module(cfg)
+    module.check(cfg)
+    tcfg = cfg.get("text_config", cfg)
+    hidden = int(tcfg["hidden_size"])
+    if spec.block > 1 and hidden % spec.block:
+        raise UsageError(
+            f"quant '{spec.name}' needs rows that are multiples of {spec.block}, but this model's "
+            f"hidden size is {hidden}: every weight matrix would fall back to another type",
+            "use " + ("q8_0 or q4_0 (blocks of 32)" if spec.block == 256 and hidden % 32 == 0
+                      else "f16 or f32"))
+
+
+def _names(model_dir: Path, name: str | None, quant: str, mmproj_type: str) -> tuple[str, Path, Path]:
+    name = name or model_dir.resolve().name
+    if not name.strip() or "/" in name or "\\" in name or name.startswith("."):
+        raise UsageError(f"GGUF file base name '{name}' is not a plain file name",
+                         "pass a name without path separators or a leading dot")
+    return name, Path(f"gguf/{name}-{quant}.gguf"), Path(f"gguf/mmproj-{name}-{mmproj_type}.gguf")
+
+
+def write_text(model_dir: Path, out: Path, cfg: dict, module, spec: q.GGUFQuant, *, name: str,
+               progress: bool) -> dict:
+    """Write the text GGUF at `spec` (directly, or via llama_model_quantize); returns facts."""
+    import llama_cpp
+
+    tcfg = cfg["text_config"]
+    opts = module.text_options(cfg)
+    direct = spec if spec.method == "numpy" else q.GGUF_QUANTS["f32"]
+    ftype = getattr(llama_cpp, direct.ftype)
+    with CheckpointSource(model_dir, module.TEXT_RENAME) as src:
+        jobs = text.text_jobs(src, tcfg, opts)
+        tok = {}
+
+        def metadata(writer):
+            tok.update(text.text_metadata(writer, model_dir, tcfg, name=name, ftype=ftype))
+            module.text_extra_metadata(writer, cfg)
+
+        target = out if spec.method == "numpy" else out.with_name(f".{out.stem}-f32-intermediate.gguf")
+        try:
+            result = write_gguf(target, opts.arch, metadata, jobs, direct.ggml_type, direct.block,
+                                progress=progress, desc=f"text {spec.name}")
+            if spec.method == "llama.cpp":
+                _llama_quantize(target, out, getattr(llama_cpp, spec.ftype))
+        finally:
+            if target != out:
+                target.unlink(missing_ok=True)
+    types = result.types if spec.method == "numpy" else _file_types(out)
+    fallback = _fallbacks(types, jobs, spec)
+    return {"arch": opts.arch, "types": types, "fallback": fallback, "tokenizer": tok,
+            "n_layers": int(tcfg["num_hidden_layers"])}
+
+
+def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise EdgeVLMError(f"llama_model_quantize failed (return code {rc}) for {dst.name}",
+                               "see llama.cpp's log above; try a numpy quant (q8_0, q4_0)")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _file_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def _fallbacks(types: dict[str, str], jobs, spec: q.GGUFQuant) -> list[dict]:
+    """2-D weights whose rows are not a multiple of the quant's block: llama.cpp or our writer
+    stored them in another type. Reported with the type they got."""
+    if spec.block <= 1:
+        return []
+    return [{"tensor": j.name, "row": j.shape[-1], "type": types.get(j.name)}
+            for j in jobs if len(j.shape) >= 2 and j.shape[-1] % spec.block]
+
+
+def write_mmproj(model_dir: Path, out: Path, cfg: dict, module, mmproj_type: str, *, name: str,
+                 progress: bool) -> dict:
+    import llama_cpp
+
+    main = q.MMPROJ_TYPES[mmproj_type]
+    ftype = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+             "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[main]
+    proc = processor_config(model_dir)
+    with CheckpointSource(model_dir, module.VISION_RENAME) as src:
+        projector, metadata, jobs, io = module.mmproj(src, cfg, proc, model_dir, name=name, ftype=ftype)
+        result = write_gguf(out, "clip", metadata, jobs, main, 32 if main == "Q8_0" else 1,
+                            progress=progress, desc=f"mmproj {mmproj_type}")
+    return {"projector": projector, "types": result.types, "fallback": result.fallback, "io": io}
+
+
+def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_type: str = "f16",
+                verify: bool = True, samples=None, gen_tokens: int = 16,
+                progress: bool = True, name: str | None = None) -> ExportArtifact:
+    """Write out_root/gguf/<name>-<quant>.gguf and out_root/gguf/mmproj-<name>-<type>.gguf from
+    the checkpoint folder `model_dir` (pruned or not), verify them in llama.cpp against the
+    PyTorch model, and return the manifest (paths relative to out_root).
+
+    `name` is the file base name (default: the checkpoint folder's name), e.g.
+    "SmolVLM-256M-Instruct-bi30".
+
+    Raises UsageError for bad arguments, VerificationError when llama.cpp disagrees with
+    PyTorch beyond tolerance. The caller owns out_root's temp-dir + rename.
+    """
+    from edgevlm.export.manifest import file_entry, tool_versions
+
+    require("gguf", "gguf", "GGUF export")
+    llama_cpp = require("llama_cpp", "gguf", "GGUF export", package="llama-cpp-python")
+    model_dir, out_root = Path(model_dir), Path(out_root)
+    cfg = read_config(model_dir)
+    check_gguf_quant(quant, cfg, mmproj_type)
+    spec = q.resolve_quant(quant)
+    mmproj_type = q.resolve_mmproj_type(mmproj_type)
+    family, module = family_module(cfg)
+    name, text_rel, mm_rel = _names(model_dir, name, spec.name, mmproj_type)
+    (out_root / "gguf").mkdir(parents=True, exist_ok=True)
+    text_path, mm_path = out_root / text_rel, out_root / mm_rel
+    try:
+        text_facts = write_text(model_dir, text_path, cfg, module, spec, name=name, progress=progress)
+        mm_facts = write_mmproj(model_dir, mm_path, cfg, module, mmproj_type, name=name,
+                                progress=progress)
+        parity = {}
+        if verify:
+            from edgevlm.export.gguf_export.verify import verify_export
+
+            parity = verify_export(model_dir, text_path, mm_path, family=family, quant=spec.name,
+                                   mmproj_type=mmproj_type, io=mm_facts["io"],
+                                   samples=samples, gen_tokens=gen_tokens,
+                                   text_arch=text_facts["arch"])
+    except BaseException:
+        text_path.unlink(missing_ok=True)
+        mm_path.unlink(missing_ok=True)
+        raise
+    versions = tool_versions("gguf", "llama-cpp-python", "safetensors")
+    versions["llama.cpp"] = _llama_build_info(llama_cpp)
+    tcfg = cfg["text_config"]
+    return ExportArtifact(
+        target="gguf",
+        files=[file_entry(out_root, text_path, "text_model", spec.name),
+               file_entry(out_root, mm_path, "mmproj", mmproj_type)],
+        base_model=str((cfg.get("edgevlm_plan") or {}).get("base_model") or name),
+        family=family,
+        plan=cfg.get("edgevlm_plan"),
+        quantization={"text": spec.name, "text_method": spec.method, "mmproj": mmproj_type,
+                      "text_tensor_types": _count(text_facts["types"]),
+                      "fallback_tensors": text_facts["fallback"],
+                      "mmproj_tensor_types": _count(mm_facts["types"]),
+                      "mmproj_fallback_tensors": mm_facts["fallback"]},
+        io={"text_arch": text_facts["arch"], "projector_type": mm_facts["projector"],
+            "n_layers": text_facts["n_layers"], "hidden_size": int(tcfg["hidden_size"]),
+            "vocab_size": int(tcfg["vocab_size"]), "image_token_id": _image_token(cfg),
+            "image": mm_facts["io"], "tokenizer": text_facts["tokenizer"]},
+        versions=versions,
+        parity=parity,
+    )
+
+
+def _count(types: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _image_token(cfg: dict):
+    for key in ("image_token_id", "image_token_index"):
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    return None
+
+
+def _llama_build_info(llama_cpp) -> dict:
+    info = {"llama_cpp_python": getattr(llama_cpp, "__version__", "?")}
+    try:
+        info["system_info"] = llama_cpp.llama_print_system_info().decode()
+    except Exception:  # informational only
+        pass
+    return info

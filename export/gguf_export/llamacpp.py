@@ -1,0 +1,163 @@
+"""Thin helpers over llama-cpp-python's low-level API: decode token or embedding runs,
+greedy steps, and mtmd image embeddings."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.errors import EdgeVLMError
+
+
+def threads_for(path) -> int:
+    """Threads for verification runs: one for small files (a second thread buys nothing there,
+    and llama.cpp's busy-waiting workers slow to a crawl on shared cores), else up to 4."""
+    if Path(path).stat().st_size < 64 * 2**20:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def open_text(path, n_ctx: int = 1024):
+    """The text GGUF with an F32 KV cache: parity measures the file, not the cache's F16."""
+    import llama_cpp
+
+    threads = threads_for(path)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                           logits_all=True, n_threads=threads, n_threads_batch=threads,
+                           verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                           type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def text_logits(llm, ids: list[int]) -> np.ndarray:
+    """Logits for every position of `ids` (fresh KV cache)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def tokenize(llm, text: str) -> list[int]:
+    return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+class Decoder:
+    """Feeds a sequence of token runs and embedding runs into one llama.cpp context."""
+
+    def __init__(self, llm, *, non_causal_images: bool = False):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.llm = llm
+        self.ctx = llm.ctx
+        self.n_embd = llama_cpp.llama_model_n_embd(llm.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+        self.non_causal_images = non_causal_images
+        self.n_past = 0
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def _decode(self, batch) -> None:
+        rc = self.lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise EdgeVLMError(f"llama_decode failed with code {rc}", "see llama.cpp's log")
+
+    def tokens(self, ids: list[int]) -> None:
+        n = len(ids)
+        batch = self.lib.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i, tok in enumerate(ids):
+                batch.token[i] = tok
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == n - 1
+            self._decode(batch)
+        finally:
+            self.lib.llama_batch_free(batch)
+        self.n_past += n
+
+    def embeddings(self, embs: np.ndarray, grid: tuple[int, int] | None = None) -> None:
+        """Decode one image's embeddings. With `grid` (rows, cols of merged patches) the
+        positions are M-RoPE's (t, y, x, 0) sections, as Qwen-VL and mtmd lay them out, and the
+        next text position advances by max(rows, cols) instead of the token count."""
+        lib = self.lib
+        n = embs.shape[0]
+        flat = np.ascontiguousarray(embs, dtype=np.float32).ravel()
+        embd = (ctypes.c_float * flat.size).from_buffer_copy(flat.tobytes())
+        if grid is None:
+            positions = [self.n_past + i for i in range(n)]
+            advance = n
+        else:
+            rows, cols = grid
+            if rows * cols != n:
+                raise EdgeVLMError(f"image grid {rows}x{cols} does not hold {n} embeddings",
+                                   "the mmproj and the processor disagree on the image size")
+            # llama.cpp reads an embedding batch's positions as n_tokens entries per section.
+            positions = ([self.n_past] * n + [self.n_past + i // cols for i in range(n)]
+                         + [self.n_past + i % cols for i in range(n)] + [0] * n)
+            advance = max(rows, cols)
+        pos = (lib.llama_pos * len(positions))(*positions)
+        n_seq = (ctypes.c_int32 * n)(*([1] * n))
+        seq0 = (lib.llama_seq_id * 1)(0)
+        seq_ids = (ctypes.POINTER(lib.llama_seq_id) * n)(*([ctypes.cast(seq0, ctypes.POINTER(
+            lib.llama_seq_id))] * n))
+        logits = (ctypes.c_int8 * n)(*([0] * (n - 1) + [1]))
+        batch = lib.llama_batch(n_tokens=n, token=None, embd=embd, pos=pos, n_seq_id=n_seq,
+                                seq_id=seq_ids, logits=logits)
+        if self.non_causal_images:
+            lib.llama_set_causal_attn(self.ctx, False)
+        try:
+            self._decode(batch)
+        finally:
+            if self.non_causal_images:
+                lib.llama_set_causal_attn(self.ctx, True)
+        self.n_past += advance
+
+    def last_logits(self) -> np.ndarray:
+        ptr = self.lib.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+
+def image_embeddings(llm, mmproj_path, image) -> np.ndarray:
+    """The mmproj's embeddings for one PIL image, all image chunks concatenated in order."""
+    from llama_cpp import mtmd_cpp as mtmd
+
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu = False
+    params.n_threads = threads_for(mmproj_path)
+    params.print_timings = False
+    params.warmup = False
+    mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), llm.model, params)
+    if not mctx:
+        raise EdgeVLMError(f"llama.cpp could not load {mmproj_path}", "see llama.cpp's log above")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+    bitmap = mtmd.mtmd_bitmap_init(width, height, buf)
+    chunks = mtmd.mtmd_input_chunks_init()
+    try:
+        marker = mtmd.mtmd_default_marker()
+        text = mtmd.mtmd_input_text()
+        text.text, text.text_len = marker, len(marker)
+        text.add_special, text.parse_special = False, True
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        if mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+            raise EdgeVLMError("mtmd_tokenize failed", "see llama.cpp's log above")
+        n_embd = llm.n_embd()
+        out = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                continue
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            if mtmd.mtmd_encode_chunk(mctx, chunk) != 0:
+                raise EdgeVLMError("mtmd_encode_chunk failed", "see llama.cpp's log above")
+            ptr = mtmd.mtmd_get_output_embd(mctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).reshape(n, n_embd).copy())
+        return np.concatenate(out) if out else np.zeros((0, n_embd), np.float32)
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(mctx)
