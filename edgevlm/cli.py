@@ -394,8 +394,24 @@ def cmd_export(args) -> int:
     for f in artifact.files:
         print(f"  {f.role:16s} {f.path}  {f.bytes / 1e6:.2f} MB")
     if artifact.parity:
-        print("  parity: " + json.dumps(artifact.parity, default=str)[:400])
+        print("  verified against PyTorch: " + _parity_summary(artifact.parity))
     return 0
+
+
+def _parity_summary(parity: dict) -> str:
+    """The headline figures of a manifest's parity record, one line."""
+    parts = []
+    for key, value in parity.items():
+        if key.endswith("max_abs_diff") and isinstance(value, (int, float)):
+            parts.append(f"{key.removesuffix('_max_abs_diff')} max diff {value:.2g}")
+        elif key == "greedy_tokens_equal":
+            parts.append(f"greedy tokens equal: {'yes' if value else 'no'}")
+        elif key == "text_top1_agreement":
+            parts.append(f"top-1 agreement {value:.2f}")
+    for variant, record in (parity.get("quantized") or {}).items():
+        if isinstance(record, dict) and "top1_agreement" in record:
+            parts.append(f"{variant} top-1 {record['top1_agreement']:.2f}")
+    return "; ".join(parts)
 
 
 def _profile(name: str):

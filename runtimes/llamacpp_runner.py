@@ -34,7 +34,7 @@ def _NO_CALLBACK():
     return ctypes.cast(None, mtmd.mtmd_helper_post_decode_callback)
 
 
-def _silence_native_logs() -> None:
+def silence_native_logs() -> None:
     """llama.cpp and mtmd log every step to stderr; keep only our own output."""
     import llama_cpp
     from llama_cpp import mtmd_cpp as mtmd
@@ -76,7 +76,7 @@ class LlamaCppRunner(Runner):
         llama_cpp = self.require(self.profile)
         from llama_cpp import mtmd_cpp as mtmd
 
-        _silence_native_logs()
+        silence_native_logs()
         text = self.root / self.artifact.file("text_model").path
         mmproj = self.root / self.artifact.file("mmproj").path
         gpu_layers = self.profile.gpu_layers if self.profile else 0

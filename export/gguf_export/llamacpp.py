@@ -24,6 +24,10 @@ def open_text(path, n_ctx: int = 1024):
     """The text GGUF with an F32 KV cache: parity measures the file, not the cache's F16."""
     import llama_cpp
 
+    from edgevlm.runtimes.llamacpp_runner import silence_native_logs
+
+    silence_native_logs()  # clip/mtmd log every image to stderr even with verbose=False
+
     threads = threads_for(path)
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                            logits_all=True, n_threads=threads, n_threads_batch=threads,
