@@ -164,3 +164,20 @@ def test_rss_sampler_sees_an_allocation():
         block.sum()
     assert rss.peak_mb is not None and rss.peak_mb > 40
     assert peak_rss_mb() >= rss.peak_mb * 0.5
+
+
+def test_run_and_bench_need_no_torch(gguf_export):
+    """What a device runs: the CLI's run and bench with torch and transformers absent."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers'): sys.modules[m] = None\n"
+        "from edgevlm.cli import main\n"
+        f"assert main(['run', {str(gguf_export)!r}, '--image', 'builtin', '--max-tokens', '3']) == 0\n"
+        f"assert main(['-q', 'bench', {str(gguf_export)!r}, '--runs', '1', '--warmup', '0',"
+        " '--gen-tokens', '3']) == 0\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "tg tok/s" in out.stdout
