@@ -94,21 +94,24 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         work = Path(tmp)
         for precision in precisions:
-            decoders = {}
-            for layers in (SHAPES["num_hidden_layers"], PRUNED_LAYERS):
-                path = build(layers, precision, work, tokenizer_src)
-                # Two live sessions: without this, one's idle threads spin and steal the
-                # other's cores (measured: the second model looked 2x slower).
-                decoders[layers] = Decoder(path, kv_heads=SHAPES["num_key_value_heads"],
-                                           head_dim=SHAPES["head_dim"], threads=args.threads,
-                                           config={"session.intra_op.allow_spinning": "0"})
-            runs = {layers: {"prefill": [], "decode_empty": [], "decode_cached": []} for layers in decoders}
-            for dec in decoders.values():  # warm-up, not recorded
-                measure(dec, 16, 4, rng)
+            paths = {layers: build(layers, precision, work, tokenizer_src)
+                     for layers in (SHAPES["num_hidden_layers"], PRUNED_LAYERS)}
+
+            def session(layers, paths=paths):
+                # One live session at a time, with onnxruntime's default thread spinning:
+                # a second live session's spinning threads steal the cores (measured: the
+                # other model looked 2x slower), and turning spinning off costs ~30% decode.
+                return Decoder(paths[layers], kv_heads=SHAPES["num_key_value_heads"],
+                               head_dim=SHAPES["head_dim"], threads=args.threads)
+
+            runs = {layers: {"prefill": [], "decode_empty": [], "decode_cached": []} for layers in paths}
             for _ in range(args.repeats):
-                for layers, dec in decoders.items():  # interleaved: A B A B ...
+                for layers in paths:  # interleaved: A B A B ...
+                    dec = session(layers)
+                    measure(dec, 16, 4, rng)  # warm-up, not recorded
                     cached = measure(dec, args.prompt, args.new, rng)
                     empty = measure(dec, 1, args.new, rng)
+                    del dec
                     runs[layers]["prefill"].append(args.prompt / cached["prefill_s"])
                     runs[layers]["decode_cached"].append(args.new / cached["decode_s"])
                     runs[layers]["decode_empty"].append(args.new / empty["decode_s"])
