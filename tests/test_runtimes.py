@@ -75,11 +75,14 @@ def test_cli_run_and_bench(gguf_export, tmp_path, capsys):
     assert main(["run", str(gguf_export), "--image", str(image), "--max-tokens", "4",
                  "--device", "laptop-x86"]) == 0
     out = tmp_path / "bench.json"
+    chart = tmp_path / "bench.png"
     assert main(["-q", "bench", str(gguf_export), str(gguf_export / "manifest.json"),
-                 "--runs", "1", "--warmup", "0", "--gen-tokens", "4", "-o", str(out)]) == 0
+                 "--runs", "1", "--warmup", "0", "--gen-tokens", "4", "-o", str(out),
+                 "--plot", str(chart)]) == 0
     table = capsys.readouterr().out
     assert "tg tok/s" in table and " vs " in table
     assert len(json.loads(out.read_text())["results"]) == 2
+    assert chart.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("args, match", [
