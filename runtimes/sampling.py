@@ -27,24 +27,29 @@ def sample_next(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0
 
 
 class TextStream:
-    """Turns a growing token list into text pieces, holding back incomplete UTF-8."""
+    """Turns tokens into text pieces as they come, holding back incomplete UTF-8.
+
+    `detokenize(ids)` returns the bytes (or text) of those tokens; only the new token is
+    detokenized each step, so streaming costs the same per token however long the answer.
+    """
 
     def __init__(self, detokenize: Callable[[list[int]], bytes | str]):
+        import codecs
+
         self.detokenize = detokenize
-        self.ids: list[int] = []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        raw = self.detokenize(self.ids)
-        full = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        piece, self.text = full[len(self.text):], full
+        raw = self.detokenize([token])
+        piece = self.decoder.decode(raw) if isinstance(raw, bytes) else raw
+        self.text += piece
         return piece
 
     def flush(self) -> str:
-        return ""  # push() emits everything but an unfinished character
+        piece = self.decoder.decode(b"", final=True)
+        self.text += piece
+        return piece
 
 
 def decode_loop(logits: np.ndarray, step: Callable[[int], np.ndarray],
