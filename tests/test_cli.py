@@ -99,3 +99,12 @@ def test_export_onnx_end_to_end_writes_a_verified_manifest(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"manifest.json", "onnx", "pruned", "plan.json",
                                                "scores.json", "layer_scores.png"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_gguf_export_without_llama_cpp_exits_3(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    out = tmp_path / "out"
+    assert main(["export", "--model", "tiny:smolvlm", "--target", "gguf", "--calib", "builtin:4",
+                 "-o", str(out)]) == 3
+    assert "pip install" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

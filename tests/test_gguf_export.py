@@ -355,3 +355,215 @@ def test_llamacpp_runner_answers_for_llava(tmp_path):
 
     art = export_gguf(_tiny_dir("llava"), tmp_path, quant="f16", verify=False, progress=False)
     assert isinstance(_answer_with_runner(tmp_path, art), str)
+
+
+# --- tokenizer: llama.cpp pre-tokenizer names for real checkpoints' tokenizer.json ----------
+
+HARD_STRINGS = ["  3333 a\n\n\tb 你好 🦙 I'm don't 123456",
+                "x=1234567;  y = (a+b)*2 !!!   \n\n\n  end",
+                "ÉCOLE d'été: 1990s, 2024-05-01 — ok?\r\n\t\t\tHE'LL WE'VE",
+                "数字123和emoji😀😀 spaces     tabs\t\tnewline\n",
+                "#tag @user (hello) [world] \"quoted\" $cash HE'S"]
+TOKENIZER_CORPUS = [
+    "The year 2024 had 366 days; 1234567890 is ten digits, 42 is the answer.",
+    "I'm sure you're right, don't worry: we'll see, they've said it'd work. HE'S HERE!",
+    "你好，世界！这是一个测试。数字一二三 123。日本語のテキストもあります。",
+    "Emoji 🦙🦙 llama 😀 smile 🚀 rocket ✨ sparkles 👍🏽 thumbs.",
+    "Whitespace  runs   here\n\n\tand\ttabs    and\r\nCRLF lines\n\n\n  indented code:\n    x = 1",
+    "Punctuation!!! ??? ... --- (parens) [brackets] {braces} <angle> @#$%^&*_+=|\\/~`",
+    "What shape is in the image? A red circle. Describe the image. Answer briefly.",
+    # punctuation glued to words: Qwen2's regex keeps "(the" whole, GPT-2's splits it
+    "#tags @users (words) [links] \"quotes\" $cash #tag @user (the) [the]",
+]
+
+
+def _regex_split(pattern: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+
+
+def _real_style_pre_tokenizer(style: str):
+    """Pre-tokenizer configured exactly as the real tokenizer.json files have it."""
+    from tokenizers import pre_tokenizers
+
+    from edgevlm.export.gguf_export.tokenizer import LLAMA3_REGEX, QWEN2_REGEX
+
+    if style == "smollm":  # HuggingFaceTB/SmolLM2 (SmolVLM's text model)
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    if style == "qwen2":  # Qwen2 / Qwen2-VL / Qwen2.5-VL
+        return pre_tokenizers.Sequence([
+            _regex_split(QWEN2_REGEX),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    if style == "llama3":
+        return pre_tokenizers.Sequence([
+            _regex_split(LLAMA3_REGEX),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    raise ValueError(style)
+
+
+def _swap_tokenizer(family: str, style: str, tmp_path):
+    """A copy of the tiny checkpoint whose tokenizer.json is a byte-level BPE retrained with a
+    real-style pre-tokenizer: same special tokens at the same ids, vocabulary no larger than the
+    model's (so the weights still fit)."""
+    import json
+    import shutil
+
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    src = _tiny_dir(family)
+    folder = tmp_path / f"{family}-{style}"
+    shutil.copytree(src, folder)
+    old = json.loads((src / "tokenizer.json").read_text())
+    specials = [a["content"] for a in sorted(old["added_tokens"], key=lambda a: a["id"])]
+    assert [a["id"] for a in sorted(old["added_tokens"], key=lambda a: a["id"])] == list(
+        range(len(specials)))
+    vocab_size = json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]
+    tok = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json has it
+    tok.pre_tokenizer = _real_style_pre_tokenizer(style)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(TOKENIZER_CORPUS * 8, trainer=trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    assert [tok.token_to_id(s) for s in specials] == list(range(len(specials)))
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.mark.parametrize("family,style,pre", [("smolvlm", "smollm", "smollm"),
+                                              ("qwen2-vl", "qwen2", "qwen2"),
+                                              ("smolvlm", "llama3", "llama-bpe")])
+def test_pre_tokenizer_detected_from_tokenizer_json(family, style, pre, tmp_path):
+    from edgevlm.export.gguf_export.tokenizer import tokenizer_plan
+
+    plan = tokenizer_plan(_swap_tokenizer(family, style, tmp_path))
+    assert (plan.model, plan.pre, plan.add_bos, plan.add_eos) == ("gpt2", pre, False, False)
+    assert tokenizer_plan(_tiny_dir(family)).pre == "gpt-2"  # the tiny ones: plain ByteLevel
+
+
+def _assert_strings_tell_pre_tokenizers_apart(folder):
+    """The hard strings would tokenize differently under plain GPT-2 pre-tokenization (the
+    writer's old "gpt-2" label): the test below can fail on a wrong pre-tokenizer name."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    real = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    gpt2 = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert any(real.encode(t, add_special_tokens=False).ids
+               != gpt2.encode(t, add_special_tokens=False).ids for t in HARD_STRINGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,style,pre", [("smolvlm", "smollm", "smollm"),
+                                              ("qwen2-vl", "qwen2", "qwen2"),
+                                              ("smolvlm", "llama3", "llama-bpe")])
+def test_real_style_tokenizer_matches_hf_in_llama_cpp(family, style, pre, tmp_path):
+    """Exported with a SmolLM2 / Qwen2-style pre-tokenizer, llama.cpp tokenizes hard strings
+    (digit runs, whitespace runs, CJK, emoji, contractions) exactly like Hugging Face, and the
+    export's own verification passes."""
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from edgevlm.export.gguf_export import export_gguf
+
+    folder = _swap_tokenizer(family, style, tmp_path)
+    _assert_strings_tell_pre_tokenizers_apart(folder)
+    art = export_gguf(folder, tmp_path / "out", quant="f32", mmproj_type="f32", progress=False,
+                      gen_tokens=4)
+    assert art.parity["passed"] and art.parity["tokenizer_matches"]
+    assert art.io["tokenizer"]["pre"] == pre
+    path = tmp_path / "out" / art.file("text_model").path
+    field = GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == pre
+    hf = AutoTokenizer.from_pretrained(folder)
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False, vocab_only=True)
+    for text in HARD_STRINGS:
+        want = hf(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+    # special tokens inside text split out as HF splits them
+    text = "<|im_start|>user\n 12 你好<|im_end|>"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf(
+        text, add_special_tokens=False).input_ids
+
+
+def _with_tokenizer_json(tmp_path, tok) -> object:
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(_tiny_dir("llava"), folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _spm_unigram():
+    """Gemma / T5-style: Unigram model with a Metaspace pre-tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainer=trainers.UnigramTrainer(
+        vocab_size=120, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], unk_token="<unk>",
+        show_progress=False))
+    return tok
+
+
+def _spm_bpe():
+    """Llama-2 / LLaVA-1.5-style: BPE with byte fallback, '▁' written by the normalizer."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("make", [_spm_unigram, _spm_bpe])
+def test_sentencepiece_tokenizer_refused_before_any_work(make, tmp_path):
+    from transformers import AutoConfig
+
+    from edgevlm.export.gguf_export import check_gguf_quant, export_gguf
+
+    folder = _with_tokenizer_json(tmp_path, make())
+    with pytest.raises(UnsupportedModelError, match="SentencePiece") as err:
+        check_gguf_quant("f16", folder)
+    assert isinstance(err.value, UsageError) and "onnx" in err.value.fix
+    # the CLI passes the loaded model's config: its folder is found through _name_or_path
+    with pytest.raises(UnsupportedModelError, match="SentencePiece"):
+        check_gguf_quant("f16", AutoConfig.from_pretrained(folder))
+    with pytest.raises(UnsupportedModelError, match="SentencePiece"):
+        export_gguf(folder, tmp_path / "out", quant="f32", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_unknown_pre_tokenizer_refused_naming_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from edgevlm.export.gguf_export import check_gguf_quant
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        _regex_split(r"\p{N}{1,2}| ?\p{L}+|\s+"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pytest.raises(UnsupportedModelError, match=r"\\p\{N\}\{1,2\}"):
+        check_gguf_quant("f16", _with_tokenizer_json(tmp_path, tok))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    with pytest.raises(UnsupportedModelError, match="add_prefix_space"):
+        check_gguf_quant("f16", _with_tokenizer_json(tmp_path / "b", tok))

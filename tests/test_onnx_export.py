@@ -266,3 +266,22 @@ def test_runner_greedy_tokens_equal_pytorch(exports, family):
     assert trace.tokens == ids[0, batch["input_ids"].shape[1]:].tolist()
     assert trace.prompt_tokens == batch["input_ids"].shape[1]
     assert trace.text == runner.pre.decode(trace.tokens)
+
+
+# The quantization each family's shared export above does not cover.
+OTHER_QUANT = {"smolvlm": "int8", "llava": "q4", "qwen2.5-vl": "int8", "qwen2-vl": "q4",
+               "gemma3": "int8"}
+
+
+def test_every_family_runs_both_quantized_variants(family, tmp_path):
+    """With the shared exports above, every family's int8 and q4 decoders load, run and
+    have their top-1 agreement recorded."""
+    from edgevlm.export.onnx_export import export_onnx
+    from edgevlm.loader import materialize_tiny
+
+    quant = OTHER_QUANT[family]
+    art = export_onnx(materialize_tiny(f"tiny:{family}"), tmp_path, quant=quant,
+                      samples=_samples(), gen_tokens=4, progress=False)
+    record = art.parity["quantized"][f"decoder_{quant}"]
+    assert 0.0 <= record["top1_agreement"] <= 1.0 and record["steps"] > 0
+    assert art.file(f"decoder_{quant}") is not None

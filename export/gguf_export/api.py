@@ -10,6 +10,7 @@ from edgevlm.export.gguf_export import quantize as q
 from edgevlm.export.gguf_export import text
 from edgevlm.export.gguf_export.families import family_module
 from edgevlm.export.gguf_export.source import CheckpointSource, read_config
+from edgevlm.export.gguf_export.tokenizer import tokenizer_plan
 from edgevlm.export.gguf_export.vision import processor_config
 from edgevlm.export.gguf_export.writer import write_gguf
 from edgevlm.types import ExportArtifact
@@ -23,12 +24,26 @@ def _config_dict(model_config) -> dict:
     return read_config(Path(model_config))
 
 
+def _checkpoint_folder(model_config) -> Path | None:
+    """The local folder behind `model_config` (a folder, or a transformers config loaded
+    from one), where tokenizer.json lives; None for a bare config dict."""
+    if isinstance(model_config, (str, Path)):
+        return Path(model_config)
+    where = getattr(model_config, "_name_or_path", None) or getattr(model_config, "name_or_path",
+                                                                    None)
+    if where and Path(where).is_dir() and (Path(where) / "config.json").exists():
+        return Path(where)
+    return None
+
+
 def check_gguf_quant(quant: str, model_config=None, mmproj_type: str = "f16") -> None:
     """Raise UsageError before any work if `quant` or `mmproj_type` is unknown or this model
-    cannot take it (UnsupportedModelError when the family cannot be written at all).
+    cannot take it (UnsupportedModelError when the family or its tokenizer cannot be written).
 
     `model_config` is a transformers config, a config.json dict or a checkpoint folder; with
     None only the quant and mmproj names are checked (before a model is loaded or pruned).
+    The tokenizer is checked when the checkpoint folder is known (a folder, or a config
+    loaded from one).
     """
     spec = q.resolve_quant(quant)
     q.resolve_mmproj_type(mmproj_type)
@@ -37,6 +52,9 @@ def check_gguf_quant(quant: str, model_config=None, mmproj_type: str = "f16") ->
     cfg = _config_dict(model_config)
     _family, module = family_module(cfg)
     module.check(cfg)
+    folder = _checkpoint_folder(model_config)
+    if folder is not None:
+        tokenizer_plan(folder)  # refuses SentencePiece / unknown pre-tokenizers now, not late
     tcfg = cfg.get("text_config", cfg)
     hidden = int(tcfg["hidden_size"])
     if spec.block > 1 and hidden % spec.block:
@@ -154,7 +172,7 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
     llama_cpp = require("llama_cpp", "gguf", "GGUF export", package="llama-cpp-python")
     model_dir, out_root = Path(model_dir), Path(out_root)
     cfg = read_config(model_dir)
-    check_gguf_quant(quant, cfg, mmproj_type)
+    check_gguf_quant(quant, model_dir, mmproj_type)
     spec = q.resolve_quant(quant)
     mmproj_type = q.resolve_mmproj_type(mmproj_type)
     family, module = family_module(cfg)
