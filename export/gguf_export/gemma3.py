@@ -11,25 +11,16 @@ import math
 
 from edgevlm.errors import UnsupportedModelError, UsageError
 from edgevlm.export.gguf_export import text, vision
-from edgevlm.export.gguf_export.source import prefix_renamer
+from edgevlm.export.gguf_export.source import LLAVA_STYLE_TEXT, LLAVA_STYLE_VISION, prefix_renamer
 
 ARCH = "gemma3"
 PERIOD = 6  # llama.cpp: layer il is global iff (il + 1) % 6 == 0
 LLAMA_CPP_SWA_ROPE_THETA = 10000.0
 LLAMA_CPP_27B_LAYERS = 62  # llama.cpp infers "27B" (and its query scale) from this count
 
-TEXT_RENAME = prefix_renamer([
-    ("language_model.model.", "model."), ("model.language_model.", "model."),
-    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
-])
-_VISION_PREFIXES = prefix_renamer([
-    ("vision_tower.vision_model.", "vision_tower.vision_model."),
-    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-    ("model.vision_tower.", "vision_tower.vision_model."),
-    ("vision_tower.", "vision_tower.vision_model."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-], skip=("vision_tower.vision_model.head.", "model.vision_tower.vision_model.head."))
+TEXT_RENAME = prefix_renamer(LLAVA_STYLE_TEXT)
+_VISION_PREFIXES = prefix_renamer(LLAVA_STYLE_VISION, skip=(
+    "vision_tower.vision_model.head.", "model.vision_tower.vision_model.head."))
 
 
 def _vision_rename(raw: str) -> str | None:

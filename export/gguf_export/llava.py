@@ -7,20 +7,10 @@ from __future__ import annotations
 
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.export.gguf_export import text, vision
-from edgevlm.export.gguf_export.source import prefix_renamer
+from edgevlm.export.gguf_export.source import LLAVA_STYLE_TEXT, LLAVA_STYLE_VISION, prefix_renamer
 
-TEXT_RENAME = prefix_renamer([
-    ("language_model.model.", "model."), ("model.language_model.", "model."),
-    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
-])
-VISION_RENAME = prefix_renamer([
-    ("vision_tower.vision_model.", "vision_tower.vision_model."),
-    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-    ("model.vision_tower.", "vision_tower.vision_model."),
-    ("vision_tower.", "vision_tower.vision_model."),
-    ("multi_modal_projector.", "multi_modal_projector."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-])
+TEXT_RENAME = prefix_renamer(LLAVA_STYLE_TEXT)
+VISION_RENAME = prefix_renamer(LLAVA_STYLE_VISION)
 
 
 def text_arch(cfg: dict) -> str:

@@ -78,3 +78,20 @@ def prefix_renamer(rules: list[tuple[str, str]], skip: tuple[str, ...] = ()):
         return None
 
     return rename
+
+
+# LLaVA-style checkpoints (LLaVA, Gemma 3): hub files keep `language_model.*` and
+# `vision_tower.vision_model.*`; transformers 5 saves `model.language_model.*` and
+# `model.vision_tower.*`. Both map to one naming.
+LLAVA_STYLE_TEXT = [
+    ("language_model.model.", "model."), ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+]
+LLAVA_STYLE_VISION = [
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
