@@ -104,12 +104,11 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _print_scores(scores, dropped=()) -> None:
+def _print_scores(scores) -> None:
     order = scores.ascending()
     print(f"{scores.method} scores (low = least important):")
     for i in range(scores.n_layers):
-        mark = "  removed" if i in dropped else ""
-        print(f"  layer {i:3d}  {scores.scores[i]:.6g}  rank {order.index(i) + 1}{mark}")
+        print(f"  layer {i:3d}  {scores.scores[i]:.6g}  rank {order.index(i) + 1}")
 
 
 def _plan(args, vlm, calib):

@@ -8,7 +8,6 @@ goes through the same from_pretrained code.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -198,7 +197,3 @@ def _check_processor_files(path: Path) -> None:
             f"{path} lacks processor files: {'; '.join(missing)}",
             "save the processor next to the model (processor.save_pretrained(folder))",
         )
-
-
-def read_config(path: Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())

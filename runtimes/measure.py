@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 
 
 def current_rss_mb() -> float | None:
@@ -67,13 +66,3 @@ class RssSampler:
         self._sample()
         if self.peak_mb is None:  # no /proc: fall back to the lifetime peak
             self.peak_mb = peak_rss_mb()
-
-
-class Clock:
-    """Monotonic timestamps relative to a start."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def now(self) -> float:
-        return time.perf_counter() - self.start
