@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from edgevlm.errors import UsageError
@@ -245,6 +246,12 @@ def cmd_export(args) -> int:
         print(f"  {f.role:16s} {f.path}  {f.bytes / 1e6:.2f} MB")
     if artifact.parity:
         print("  verified against PyTorch: " + _parity_summary(artifact.parity))
+    fallback = artifact.quantization.get("fallback_tensors") or []
+    if fallback:
+        kinds = Counter(f["type"] for f in fallback)
+        print(f"  note: {len(fallback)} tensors have rows that {quant} cannot block and were "
+              f"stored as {', '.join(f'{t} ({n})' for t, n in kinds.items())}; "
+              "see quantization.fallback_tensors in manifest.json")
     return 0
 
 

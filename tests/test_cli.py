@@ -108,3 +108,14 @@ def test_gguf_export_without_llama_cpp_exits_3(tmp_path, monkeypatch, capsys):
                  "-o", str(out)]) == 3
     assert "pip install" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_k_quant_fallback_is_reported(tmp_path, capsys):
+    """tiny:smolvlm's rows (64, 128) do not fit q4_k_m's 256-blocks: llama.cpp stores them in
+    a fallback type, and the export says which instead of hiding it."""
+    out = tmp_path / "out"
+    assert main(["-q", "export", "--model", "tiny:smolvlm", "--target", "gguf",
+                 "--quant", "q4_k_m", "--calib", "builtin:4", "-o", str(out)]) == 0
+    assert "fallback_tensors" in capsys.readouterr().out
+    fallback = json.loads((out / "manifest.json").read_text())["quantization"]["fallback_tensors"]
+    assert fallback and all(f["row"] % 256 and f["type"] != "Q4_K" for f in fallback)

@@ -285,8 +285,7 @@ def test_check_gguf_quant_rejects_bad_input():
     with pytest.raises(UsageError, match="q4_k_m") as err:
         check_gguf_quant("q7_x", cfg)
     assert "unknown GGUF quant" in str(err.value)
-    with pytest.raises(UsageError, match="multiples of 256"):
-        check_gguf_quant("q4_k_m", cfg)  # hidden 64
+    check_gguf_quant("q4_k_m", cfg)  # hidden 64: llama.cpp falls back per tensor (reported)
     check_gguf_quant("q4_k_m", read_config(_tiny_dir("smolvlm-k256")))
     check_gguf_quant("Q8_0", cfg)
     with pytest.raises(UsageError, match="mmproj"):
