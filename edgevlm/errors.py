@@ -41,10 +41,10 @@ class MissingDependencyError(EdgeVLMError):
 
     exit_code = 3
 
-    def __init__(self, package: str, extra: str, purpose: str):
+    def __init__(self, package: str, extra: str, purpose: str, fix: str | None = None):
         super().__init__(
             f"{purpose} needs the Python package '{package}', which is not installed",
-            f'pip install "edgevlm[{extra}]"  (or: pip install {package})',
+            fix or f'pip install "edgevlm[{extra}]"  (or: pip install {package})',
         )
         self.package = package
 

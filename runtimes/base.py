@@ -72,11 +72,8 @@ class Runner:
             if profile is not None:
                 hint = (profile.install.llama_cpp if cls.target == "gguf"
                         else profile.install.onnxruntime)
-            err = MissingDependencyError(cls.pip_name, "runtime", f"the {cls.name} runner")
-            if hint:
-                err.fix = hint
-                err.args = (f"{err.what}\n  fix: {hint}",)
-            raise err from exc
+            raise MissingDependencyError(cls.pip_name, "runtime", f"the {cls.name} runner",
+                                         fix=hint) from exc
 
 
 # name -> (export target, "module:Class"); the module is imported only when used.

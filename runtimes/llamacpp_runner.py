@@ -15,6 +15,7 @@ import numpy as np
 
 from edgevlm.errors import EdgeVLMError
 from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.preprocess.prompt import compile_template
 from edgevlm.runtimes.sampling import TextStream, decode_loop
 
 # What each family's chat template writes for an image; mtmd's marker takes its place and
@@ -49,14 +50,12 @@ def silence_native_logs() -> None:
 _LOG_SINK = None
 
 
-def render_chat(template: str, prompt: str, *, bos: str = "", eos: str = "") -> str:
-    """The chat template rendered for one user turn (image, then text), ready to answer."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+def render_chat(template, prompt: str, *, bos: str = "", eos: str = "") -> str:
+    """One user turn (image, then text), ready for the answer, rendered by a chat template
+    compiled as transformers compiles it (`compile_template`)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=bos, eos_token=eos)
+    return template.render(messages=messages, tools=None, documents=None,
+                           add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 
 class LlamaCppRunner(Runner):
@@ -94,10 +93,11 @@ class LlamaCppRunner(Runner):
             raise EdgeVLMError(f"llama.cpp could not load the mmproj {mmproj}",
                                "check the file; export it again if it is damaged")
         meta = self.llm.metadata
-        self.template = meta.get("tokenizer.chat_template")
-        if not self.template:
+        template = meta.get("tokenizer.chat_template")
+        if not template:
             raise EdgeVLMError(f"{text.name} has no tokenizer.chat_template",
                                "export it again with edgevlm (it embeds the template)")
+        self.template = compile_template(template)  # once, not per prompt
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.bos = self._piece(self.llm.token_bos())

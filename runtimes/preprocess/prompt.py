@@ -44,7 +44,7 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
-def _compile(template: str):
+def compile_template(template: str):
     """The template compiled the way transformers' `_compile_jinja_template` does."""
     jinja2 = require("jinja2", "runtime", "rendering the chat template")
     from jinja2.ext import Extension, loopcontrols
@@ -127,7 +127,7 @@ class ChatTokenizer:
             raise UsageError("the model folder has no chat template",
                              "save the processor with its chat template (chat_template.jinja)")
         if self._template is None:
-            self._template = _compile(self.chat_template)
+            self._template = compile_template(self.chat_template)
         return self._template.render(messages=messages, tools=None, documents=None,
                                      add_generation_prompt=add_generation_prompt,
                                      **self.special_tokens)
