@@ -227,27 +227,31 @@ def test_llava_text_parity_and_upstream_clip_bug_is_caught(tmp_path):
     assert not list((tmp_path / "v" / "gguf").glob("*.gguf"))  # failed export keeps nothing
 
 
-@pytest.mark.slow
-def test_stock_chat_api_with_image_data_url(tmp_path):
+def _stock_chat(out, art, *, side: int, max_tokens: int) -> dict:
+    """llama-cpp-python's stock chat API on an export: MTMDChatHandler, image as a data URL."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 90)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    handler = MTMDChatHandler(clip_model_path=str(out / art.file("mmproj").path),
+                              verbose=False, use_gpu=False)
+    llm = Llama(model_path=str(out / art.file("text_model").path), chat_handler=handler,
+                n_ctx=512, n_threads=1, verbose=False)
+    return llm.create_chat_completion(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What shape is in the image?"}]}], max_tokens=max_tokens,
+        temperature=0.0)
+
+
+@pytest.mark.slow
+def test_stock_chat_api_with_image_data_url(tmp_path):
     from edgevlm.export.gguf_export import export_gguf
 
-    # LLaVA: its mtmd prompt layout needs no extra vocabulary (the tiny SmolVLM tokenizer has
-    # no "\n\n" token, which llama.cpp's idefics3 slicing looks up by text).
     art = export_gguf(_tiny_dir("llava"), tmp_path, quant="f16", verify=False, progress=False)
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 90)).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    handler = MTMDChatHandler(clip_model_path=str(tmp_path / art.file("mmproj").path),
-                              verbose=False, use_gpu=False)
-    llm = Llama(model_path=str(tmp_path / art.file("text_model").path), chat_handler=handler,
-                n_ctx=512, n_threads=1, verbose=False)
-    reply = llm.create_chat_completion(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}},
-        {"type": "text", "text": "What shape is in the image?"}]}], max_tokens=8, temperature=0.0)
+    reply = _stock_chat(tmp_path, art, side=32, max_tokens=8)
     assert reply["usage"]["prompt_tokens"] > 16  # the 16 image tokens went in
     assert isinstance(reply["choices"][0]["message"]["content"], str)
     assert reply["usage"]["completion_tokens"] > 0
@@ -257,22 +261,9 @@ def test_stock_chat_api_with_image_data_url(tmp_path):
 @pytest.mark.parametrize("f32_export", ["qwen2-vl", "qwen2.5-vl", "gemma3"], indirect=True)
 def test_stock_chat_api_on_verified_exports(f32_export):
     """M-RoPE (Qwen) and non-causal image tokens (Gemma 3) through the stock chat handler."""
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-    from PIL import Image
-
     family, out, art = f32_export
     side = art.io["image"].get("image_size") if family == "gemma3" else 224
-    buf = io.BytesIO()
-    Image.new("RGB", (side, side), (200, 30, 90)).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    handler = MTMDChatHandler(clip_model_path=str(out / art.file("mmproj").path),
-                              verbose=False, use_gpu=False)
-    llm = Llama(model_path=str(out / art.file("text_model").path), chat_handler=handler,
-                n_ctx=512, n_threads=1, verbose=False)
-    reply = llm.create_chat_completion(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}},
-        {"type": "text", "text": "What shape is in the image?"}]}], max_tokens=4, temperature=0.0)
+    reply = _stock_chat(out, art, side=side, max_tokens=4)
     assert reply["usage"]["completion_tokens"] > 0
     assert isinstance(reply["choices"][0]["message"]["content"], str)
 
