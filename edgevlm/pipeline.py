@@ -21,14 +21,12 @@ def calibration(spec: str, seed: int = 0):
 def score_model(vlm, calib, method: str, *, tokens: str | None = None, batch_size: int = 4,
                 n_drop: int | None = None, options: dict | None = None) -> LayerScores:
     """Score (or reuse cached scores of) every decoder layer on the scoring split."""
-    from edgevlm.scoring import SCORERS, score_cached
+    from edgevlm import ui
+    from edgevlm.scoring import score_cached
 
-    SCORERS.get(method)  # unknown method: clear error before any work
     options = dict(options or {})
     if method == "angular" and n_drop:
         options.setdefault("n", n_drop)
-    from edgevlm import ui
-
     return score_cached(vlm, calib.scoring, method, calibration=calib.description, tokens=tokens,
                         batch_size=batch_size, progress=not ui.QUIET, **options)
 
