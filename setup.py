@@ -22,5 +22,7 @@ for package, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"edgevlm.devices": ["profiles/*.toml"]},
+    package_data={"edgevlm.devices": ["profiles/*.toml"],
+                  # random: presets read the real models' config/tokenizer files
+                  "edgevlm.tiny": ["real/*.md", "real/*/*"]},
 )

@@ -256,7 +256,12 @@ def cmd_export(args) -> int:
 
 
 def _parity_summary(parity: dict) -> str:
-    """The headline figures of a manifest's parity record, one line."""
+    """The headline figures of a manifest's parity record, one line: every check with its
+    measured value and tolerance where the record lists them."""
+    if parity.get("checks"):
+        return f"{parity.get('n_samples', '?')} held-out sample(s): " + "; ".join(
+            f"{c['what']} {c['value']:.3g} ({c['op']} {c['tolerance']:.3g}"
+            f"{'' if c['ok'] else ', FAILED'})" for c in parity["checks"])
     parts = []
     for key, value in parity.items():
         if key.endswith("max_abs_diff") and isinstance(value, (int, float)):

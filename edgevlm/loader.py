@@ -84,6 +84,10 @@ def materialize_tiny(name: str, seed: int = 0, root: Path | None = None) -> Path
         model, processor = build_tiny(name, seed=seed)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        from edgevlm.tiny.presets import real_files
+
+        for file in real_files(name):  # the real model's own config, tokenizer, processor
+            shutil.copyfile(file, tmp / file.name)
         if family in HUB_VISION_PREFIX:
             _rename_vision_keys(tmp / "model.safetensors", HUB_VISION_PREFIX[family])
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections import deque
 
 import numpy as np
 
@@ -36,18 +37,39 @@ def _NO_CALLBACK():
 
 
 def silence_native_logs() -> None:
-    """llama.cpp and mtmd log every step to stderr; keep only our own output."""
+    """llama.cpp and mtmd log every step to stderr; keep their log in memory instead, so an
+    error can quote its last lines (`native_error`) while our own output stays clean."""
     import llama_cpp
     from llama_cpp import mtmd_cpp as mtmd
 
     global _LOG_SINK
     if _LOG_SINK is None:
-        _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        def keep(level, text, _user_data):
+            if level != 1 and text:  # 1: GGML_LOG_LEVEL_DEBUG
+                _LOG.append(text.decode("utf-8", "replace"))
+
+        _LOG_SINK = llama_cpp.llama_log_callback(keep)
         llama_cpp.llama_log_set(_LOG_SINK, ctypes.c_void_p(0))
         mtmd.mtmd_helper_log_set(_LOG_SINK, ctypes.c_void_p(0))
 
 
 _LOG_SINK = None
+_LOG: deque[str] = deque(maxlen=500)  # log fragments (llama.cpp writes lines in pieces)
+
+
+def native_log_tail(n: int = 6) -> list[str]:
+    """The last `n` non-empty lines llama.cpp / mtmd logged since the log was captured."""
+    lines = [line.strip() for line in "".join(_LOG).splitlines() if line.strip()]
+    return lines[-n:]
+
+
+def native_error(what: str, fix: str) -> EdgeVLMError:
+    """An error for a failed llama.cpp call, quoting the end of llama.cpp's captured log (the
+    log itself is never shown, so "see the log" would send the user nowhere)."""
+    tail = native_log_tail()
+    said = (" — llama.cpp's last log lines: " + " | ".join(tail)) if tail else (
+        " (llama.cpp logged nothing)")
+    return EdgeVLMError(what + said, fix)
 
 
 def render_chat(template, prompt: str, *, bos: str = "", eos: str = "") -> str:
@@ -90,7 +112,7 @@ class LlamaCppRunner(Runner):
         params.warmup = False
         self.mtmd_ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
         if not self.mtmd_ctx:
-            raise EdgeVLMError(f"llama.cpp could not load the mmproj {mmproj}",
+            raise native_error(f"llama.cpp could not load the mmproj {mmproj}",
                                "check the file; export it again if it is damaged")
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
@@ -134,8 +156,8 @@ class LlamaCppRunner(Runner):
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
         try:
             if mtmd.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
-                raise EdgeVLMError("mtmd could not tokenize the prompt with the image",
-                                   "see llama.cpp's log")
+                raise native_error("mtmd could not tokenize the prompt with the image",
+                                   "check the image file and the mmproj")
         finally:
             mtmd.mtmd_bitmap_free(bitmap)
         return chunks
@@ -189,7 +211,8 @@ class LlamaCppRunner(Runner):
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     t0 = time.perf_counter()
                     if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
-                        raise EdgeVLMError("mtmd could not encode the image", "see llama.cpp's log")
+                        raise native_error("mtmd could not encode the image",
+                                           "check the mmproj file (export it again)")
                     image_s += time.perf_counter() - t0
                     embd = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
                     rc = mtmd.mtmd_helper_decode_image_chunk(
@@ -201,7 +224,7 @@ class LlamaCppRunner(Runner):
                     rc = self._decode_text([ptr[j] for j in range(n.value)], n_past, last)
                     new_n_past.value = n_past + n.value
                 if rc != 0:
-                    raise EdgeVLMError(f"llama.cpp failed to evaluate prompt chunk {i} ({rc})",
+                    raise native_error(f"llama.cpp failed to evaluate prompt chunk {i} ({rc})",
                                        "the prompt may not fit the context")
                 n_past = new_n_past.value
         finally:
@@ -211,7 +234,8 @@ class LlamaCppRunner(Runner):
 
         def step(token: int) -> np.ndarray:
             if self._decode_text([token], position[0], True) != 0:
-                raise EdgeVLMError("llama_decode failed", "the context is full: ask for fewer tokens")
+                raise native_error("llama_decode failed",
+                                   "the context is full: ask for fewer tokens")
             position[0] += 1
             return self._logits()
 

@@ -513,28 +513,17 @@ def _spm_unigram():
     return tok
 
 
-def _spm_bpe():
-    """Llama-2 / LLaVA-1.5-style: BPE with byte fallback, '▁' written by the normalizer."""
-    from tokenizers import Tokenizer, models, normalizers, trainers
-
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                           normalizers.Replace(" ", "▁")])
-    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainer=trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    return tok
-
-
-@pytest.mark.parametrize("make", [_spm_unigram, _spm_bpe])
-def test_sentencepiece_tokenizer_refused_before_any_work(make, tmp_path):
+def test_sentencepiece_without_scores_refused_before_any_work(tmp_path):
+    """A Unigram vocabulary without its tokenizer.model: llama.cpp needs the piece scores that
+    only tokenizer.model carries (SentencePiece-BPE files are converted: test_sentencepiece)."""
     from transformers import AutoConfig
 
     from edgevlm.export.gguf_export import check_gguf_quant, export_gguf
 
-    folder = _with_tokenizer_json(tmp_path, make())
+    folder = _with_tokenizer_json(tmp_path, _spm_unigram())
     with pytest.raises(UnsupportedModelError, match="SentencePiece") as err:
         check_gguf_quant("f16", folder)
-    assert isinstance(err.value, UsageError) and "onnx" in err.value.fix
+    assert isinstance(err.value, UsageError) and "tokenizer.model" in err.value.fix
     # the CLI passes the loaded model's config: its folder is found through _name_or_path
     with pytest.raises(UnsupportedModelError, match="SentencePiece"):
         check_gguf_quant("f16", AutoConfig.from_pretrained(folder))

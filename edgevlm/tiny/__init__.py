@@ -81,7 +81,12 @@ def build_tiny(name: str, seed: int = 0):
         name = "tiny:" + name.removeprefix("tiny:")
     family, shape, _ = resolve_builtin(name)
     torch.manual_seed(seed)
-    model, processor = FACTORIES.get(family)(shape, seed)
+    from edgevlm.tiny.presets import build_real, real_folder
+
+    if name.startswith("random:") and real_folder(name):
+        model, processor = build_real(name, shape.dtype)
+    else:
+        model, processor = FACTORIES.get(family)(shape, seed)
     model.eval()
     return model, processor
 

@@ -3,7 +3,7 @@
 from edgevlm.processors import processor_class
 from edgevlm.tiny import FACTORIES
 from edgevlm.tiny.common import build_model, special_ids, text_kwargs, token_ids
-from edgevlm.tiny.tokenizer import train_tokenizer
+from edgevlm.tiny.tokenizer import train_sentencepiece
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
             "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -24,9 +24,10 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 def _build(shape, seed):
     import torch
     import transformers as tf
-    tok = train_tokenizer(
+    # Gemma's kind of tokenizer: SentencePiece BPE without a '▁' prefix.
+    tok = train_sentencepiece(
         SPECIALS, vocab_size=384, chat_template=CHAT_TEMPLATE, bos="<bos>", eos="<end_of_turn>",
-        pad="<pad>", unk="<unk>",
+        pad="<pad>", unk="<unk>", space_prefix=False,
         extra={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                "image_token": "<image_soft_token>"})
     # 12 layers by default: two full local/global periods.

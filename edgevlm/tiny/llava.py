@@ -3,7 +3,7 @@
 from edgevlm.processors import processor_class
 from edgevlm.tiny import FACTORIES
 from edgevlm.tiny.common import build_model, special_ids, text_kwargs, token_ids
-from edgevlm.tiny.tokenizer import train_tokenizer
+from edgevlm.tiny.tokenizer import train_sentencepiece
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -25,8 +25,10 @@ VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=
 def _build(shape, seed):
     import transformers as tf
 
-    tok = train_tokenizer(SPECIALS, vocab_size=384, chat_template=CHAT_TEMPLATE, bos="<s>",
-                          eos="</s>", pad="<pad>", unk="<unk>", extra={"image_token": "<image>"})
+    # Llama-2's kind of tokenizer: SentencePiece BPE, '▁' before each text segment.
+    tok = train_sentencepiece(SPECIALS, vocab_size=384, chat_template=CHAT_TEMPLATE, bos="<s>",
+                              eos="</s>", pad="<pad>", unk="<unk>", space_prefix=True,
+                              extra={"image_token": "<image>"})
     vision = {**VISION, **shape.vision}
     image_size = vision["image_size"]
     config = tf.LlavaConfig(

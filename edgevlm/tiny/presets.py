@@ -1,13 +1,52 @@
-"""`random:<preset>`: public architecture sizes of real VLMs, with random weights.
+"""`random:<preset>`: real VLM architectures with random weights.
 
-Sizes are from the models' published config.json files. Models above ~1B parameters are
-built in bfloat16 so that they fit in memory on a laptop.
+Presets with a folder under real/ (Apache-2.0 models, see real/SOURCES.md) are built from the
+model's own config.json, processor, tokenizer and chat-template files, which the checkpoint
+folder keeps verbatim (`real_files`); the others keep the published sizes below with the tiny
+family's tokenizer. Models above ~1B parameters are built in bfloat16 so that they fit in
+memory on a laptop.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgevlm.registry import Registry
 from edgevlm.tiny import Shape
+
+REAL_ROOT = Path(__file__).parent / "real"
+# preset -> folder of the real model's metadata files
+REAL = {"smolvlm-256m": "SmolVLM-256M-Instruct", "qwen2-vl-2b": "Qwen2-VL-2B-Instruct"}
+# Weights are written by transformers; everything else comes from the real folder verbatim.
+NOT_COPIED = {"LICENSE", "SOURCES.md"}
+
+
+def real_folder(preset: str) -> Path | None:
+    """The real model's metadata folder for a preset name, or None."""
+    from edgevlm.registry import normalize
+
+    name = REAL.get(normalize(preset.removeprefix("random:")))
+    return REAL_ROOT / name if name else None
+
+
+def real_files(preset: str) -> list[Path]:
+    """Files a materialized `random:` checkpoint takes verbatim from the real model."""
+    folder = real_folder(preset)
+    return sorted(f for f in folder.iterdir() if f.name not in NOT_COPIED) if folder else []
+
+
+def build_real(preset: str, dtype: str):
+    """(model, processor) from the real model's files: its config, random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from edgevlm.adapters import adapter_for_config
+    from edgevlm.processors import load_processor
+
+    folder = real_folder(preset)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    return model, load_processor(folder, adapter_for_config(config))
 
 PRESETS: Registry[tuple[str, Shape]] = Registry("random model preset")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from edgevlm.errors import EdgeVLMError, UsageError, require
+from edgevlm.errors import UsageError, require
 from edgevlm.export.gguf_export import quantize as q
 from edgevlm.export.gguf_export import text
 from edgevlm.export.gguf_export.families import family_module
@@ -76,8 +76,10 @@ def _names(model_dir: Path, name: str | None, quant: str, mmproj_type: str) -> t
 
 
 def write_text(model_dir: Path, out: Path, cfg: dict, module, spec: q.GGUFQuant, *, name: str,
-               progress: bool) -> dict:
-    """Write the text GGUF at `spec` (directly, or via llama_model_quantize); returns facts."""
+               progress: bool, keep_intermediate: bool = False) -> dict:
+    """Write the text GGUF at `spec` (directly, or via llama_model_quantize); returns facts.
+    With `keep_intermediate` the f32 file a K-quant is made from stays (facts["intermediate"],
+    a hidden name next to `out`) for verification; the caller deletes it."""
     import llama_cpp
 
     tcfg = cfg["text_config"]
@@ -98,18 +100,25 @@ def write_text(model_dir: Path, out: Path, cfg: dict, module, spec: q.GGUFQuant,
                                 progress=progress, desc=f"text {spec.name}")
             if spec.method == "llama.cpp":
                 _llama_quantize(target, out, getattr(llama_cpp, spec.ftype))
-        finally:
+        except BaseException:
             if target != out:
                 target.unlink(missing_ok=True)
+            raise
+    if target != out and not keep_intermediate:
+        target.unlink(missing_ok=True)
     types = result.types if spec.method == "numpy" else _file_types(out)
     fallback = _fallbacks(types, jobs, spec)
     return {"arch": opts.arch, "types": types, "fallback": fallback, "tokenizer": tok,
-            "n_layers": int(tcfg["num_hidden_layers"])}
+            "n_layers": int(tcfg["num_hidden_layers"]),
+            "intermediate": target if target != out and keep_intermediate else None}
 
 
 def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
     import llama_cpp
 
+    from edgevlm.runtimes.llamacpp_runner import native_error, silence_native_logs
+
+    silence_native_logs()  # captured: its tail goes into the error below
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 2
@@ -117,8 +126,8 @@ def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise EdgeVLMError(f"llama_model_quantize failed (return code {rc}) for {dst.name}",
-                               "see llama.cpp's log above; try a numpy quant (q8_0, q4_0)")
+            raise native_error(f"llama_model_quantize failed (return code {rc}) for {dst.name}",
+                               "try a numpy quant (q8_0, q4_0)")
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -181,8 +190,10 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
     name, text_rel, mm_rel = _names(model_dir, name, spec.name, mmproj_type)
     (out_root / "gguf").mkdir(parents=True, exist_ok=True)
     text_path, mm_path = out_root / text_rel, out_root / mm_rel
+    text_facts = {}
     try:
-        text_facts = write_text(model_dir, text_path, cfg, module, spec, name=name, progress=progress)
+        text_facts = write_text(model_dir, text_path, cfg, module, spec, name=name,
+                                progress=progress, keep_intermediate=verify)
         mm_facts = write_mmproj(model_dir, mm_path, cfg, module, mmproj_type, name=name,
                                 progress=progress)
         parity = {}
@@ -192,11 +203,15 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
             parity = verify_export(model_dir, text_path, mm_path, family=family, quant=spec.name,
                                    mmproj_type=mmproj_type, io=mm_facts["io"],
                                    samples=samples, gen_tokens=gen_tokens,
-                                   text_arch=text_facts["arch"])
+                                   text_arch=text_facts["arch"],
+                                   intermediate=text_facts["intermediate"])
     except BaseException:
         text_path.unlink(missing_ok=True)
         mm_path.unlink(missing_ok=True)
         raise
+    finally:
+        if text_facts.get("intermediate"):
+            text_facts["intermediate"].unlink(missing_ok=True)
     versions = tool_versions("gguf", "llama-cpp-python", "safetensors")
     versions["llama.cpp"] = _llama_build_info(llama_cpp)
     tcfg = cfg["text_config"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.errors import EdgeVLMError
+from edgevlm.runtimes.llamacpp_runner import native_error
 
 
 def threads_for(path) -> int:
@@ -20,8 +21,15 @@ def threads_for(path) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def context_size(n_tokens: int) -> int:
+    """A context (and batch, so one image decodes in one ubatch) that holds `n_tokens`: the
+    longest sequence verification feeds, rounded up to 256."""
+    return max(256, -(-n_tokens // 256) * 256)
+
+
 def open_text(path, n_ctx: int = 1024):
-    """The text GGUF with an F32 KV cache: parity measures the file, not the cache's F16."""
+    """The text GGUF with an F32 KV cache: parity measures the file, not the cache's F16.
+    `n_ctx` must hold the longest sequence fed (`context_size`)."""
     import llama_cpp
 
     from edgevlm.runtimes.llamacpp_runner import silence_native_logs
@@ -29,6 +37,14 @@ def open_text(path, n_ctx: int = 1024):
     silence_native_logs()  # clip/mtmd log every image to stderr even with verbose=False
 
     threads = threads_for(path)
+    try:
+        return _llama(llama_cpp, path, n_ctx, threads)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise native_error(f"llama.cpp could not load {Path(path).name} ({exc})",
+                           "export it again; if it persists, report it with the manifest") from exc
+
+
+def _llama(llama_cpp, path, n_ctx: int, threads: int):
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                            logits_all=True, n_threads=threads, n_threads_batch=threads,
                            verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
@@ -64,7 +80,11 @@ class Decoder:
     def _decode(self, batch) -> None:
         rc = self.lib.llama_decode(self.ctx, batch)
         if rc != 0:
-            raise EdgeVLMError(f"llama_decode failed with code {rc}", "see llama.cpp's log")
+            raise native_error(
+                f"llama_decode failed with code {rc} at position {self.n_past} of a "
+                f"{self.lib.llama_n_ctx(self.ctx)}-token context",
+                "code 1 means the context is full: verification sizes it from the samples, "
+                "so report this with the manifest")
 
     def tokens(self, ids: list[int]) -> None:
         n = len(ids)
@@ -135,7 +155,8 @@ def image_embeddings(llm, mmproj_path, image) -> np.ndarray:
     params.warmup = False
     mctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), llm.model, params)
     if not mctx:
-        raise EdgeVLMError(f"llama.cpp could not load {mmproj_path}", "see llama.cpp's log above")
+        raise native_error(f"llama.cpp could not load {mmproj_path}",
+                           "export it again; if it persists, report it with the manifest")
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     height, width = rgb.shape[:2]
     buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
@@ -148,7 +169,7 @@ def image_embeddings(llm, mmproj_path, image) -> np.ndarray:
         text.add_special, text.parse_special = False, True
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
         if mtmd.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
-            raise EdgeVLMError("mtmd_tokenize failed", "see llama.cpp's log above")
+            raise native_error("mtmd_tokenize failed", "report it with the manifest")
         n_embd = llm.n_embd()
         out = []
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
@@ -157,7 +178,7 @@ def image_embeddings(llm, mmproj_path, image) -> np.ndarray:
                 continue
             n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
             if mtmd.mtmd_encode_chunk(mctx, chunk) != 0:
-                raise EdgeVLMError("mtmd_encode_chunk failed", "see llama.cpp's log above")
+                raise native_error("mtmd_encode_chunk failed", "report it with the manifest")
             ptr = mtmd.mtmd_get_output_embd(mctx)
             out.append(np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).reshape(n, n_embd).copy())
         return np.concatenate(out) if out else np.zeros((0, n_embd), np.float32)

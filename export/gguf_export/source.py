@@ -59,10 +59,19 @@ class CheckpointSource:
 
 
 def read_config(folder: Path) -> dict:
+    """config.json with a complete `text_config`. Hub files may be flat (Qwen2-VL: text keys
+    at top level) or list only non-default text keys (LLaVA); transformers fills them in."""
     path = Path(folder) / "config.json"
     if not path.exists():
         raise UsageError(f"{folder} has no config.json", "pass a transformers checkpoint folder")
-    return json.loads(path.read_text())
+    raw = json.loads(path.read_text())
+    if "hidden_size" in (raw.get("text_config") or {}):
+        return raw
+    from transformers import AutoConfig
+
+    full = AutoConfig.from_pretrained(folder).to_dict()
+    return {**full, **{k: v for k, v in raw.items() if k not in full and k not in
+                       full["text_config"]}}
 
 
 def prefix_renamer(rules: list[tuple[str, str]], skip: tuple[str, ...] = ()):

@@ -10,13 +10,14 @@ before any work, so an export never tokenizes differently from Hugging Face.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevlm.errors import UnsupportedModelError
 
-# llama.cpp token types (llama_token_type): normal, control (special), user-defined.
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+# llama.cpp token types (llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Split regexes as tokenizer.json spells them. GPT2 is also what ByteLevel(use_regex=True)
 # applies; QWEN2 and LLAMA3 are the Split patterns of the Qwen2 and Llama-3 tokenizers (they
@@ -27,7 +28,8 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-DIGITS = "Digits(individual_digits)"  # a split of every digit, like llama.cpp's "\p{N}" regex
+DIGITS = "Digits(individual_digits)"
+_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback pieces  # a split of every digit, like llama.cpp's "\p{N}" regex
 
 # (split steps in order, BPE ignore_merges) -> llama.cpp tokenizer.ggml.pre. ignore_merges
 # must match: llama.cpp's "llama-bpe" looks whole words up in the vocabulary first (as HF does
@@ -42,23 +44,22 @@ PRE_TOKENIZERS = {
 # llama.cpp's own converter maps such tokenizers to "qwen2" the same way).
 SKIPPABLE_NORMALIZERS = {None, "NFC"}
 
-SPM_FIX = ("this GGUF writer handles byte-level BPE tokenizers (SmolVLM, Qwen2-VL, Qwen2.5-VL, "
-           "LLaVA with a Qwen2/Llama-3 text model); SentencePiece vocabularies (llama.cpp "
-           "tokenizer model 'llama': LLaVA-1.5 / Llama-2, Gemma 3) are not written yet: export "
-           "this model to ONNX (--target onnx) instead")
+SPM_FIX = ("put the model's SentencePiece tokenizer.model next to config.json (llama.cpp needs "
+           "its piece scores, which tokenizer.json does not carry), or export --target onnx")
 
 
 @dataclass
 class TokenizerPlan:
     """What the text GGUF's tokenizer.* keys will say, decided from tokenizer.json."""
 
-    model: str  # tokenizer.ggml.model
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
     pre: str  # tokenizer.ggml.pre
     add_bos: bool  # the HF post-processor prepends BOS
     add_eos: bool  # the HF post-processor appends EOS
     bos_id: int | None = None
     eos_id: int | None = None
     notes: list[str] = field(default_factory=list)
+    space_prefix: bool = False  # HF writes a '▁' before each text segment (SentencePiece)
 
 
 def _short(text: str, n: int = 90) -> str:
@@ -143,7 +144,8 @@ def _read(folder: Path) -> tuple[dict, dict]:
     if not path.exists():
         if (folder / "tokenizer.model").exists():
             raise UnsupportedModelError(
-                "the checkpoint has only a SentencePiece tokenizer.model", SPM_FIX)
+                "the checkpoint has a SentencePiece tokenizer.model but no tokenizer.json",
+                "save the tokenizer with transformers (save_pretrained writes tokenizer.json)")
         raise UnsupportedModelError(f"{folder} has no tokenizer.json",
                                     "save the processor next to the model (save_pretrained)")
     cfg_path = folder / "tokenizer_config.json"
@@ -173,10 +175,7 @@ def tokenizer_plan(folder: Path) -> TokenizerPlan:
     tok_json, tok_cfg = _read(folder)
     model = tok_json.get("model") or {}
     if _is_sentencepiece(model, tok_json):
-        raise UnsupportedModelError(
-            f"the checkpoint's tokenizer is SentencePiece-style (model {model.get('type')}, "
-            f"pre-tokenizer {(tok_json.get('pre_tokenizer') or {}).get('type')}, byte_fallback "
-            f"{bool(model.get('byte_fallback'))}): llama.cpp's tokenizer model 'llama'", SPM_FIX)
+        return _sentencepiece_plan(Path(folder), tok_json, tok_cfg)
     if model.get("type") != "BPE":
         _refuse(f"a {model.get('type')} model (only byte-level BPE is written)")
     for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
@@ -203,15 +202,103 @@ def tokenizer_plan(folder: Path) -> TokenizerPlan:
     return TokenizerPlan("gpt2", pre, add_bos, add_eos, ids.get("bos"), ids.get("eos"), notes)
 
 
+def _sentencepiece_plan(folder: Path, tok_json: dict, tok_cfg: dict) -> TokenizerPlan:
+    """llama.cpp's SentencePiece model ("llama") for a Llama-2 / Gemma style tokenizer: the
+    special tokens HF adds, and whether it writes a '▁' before each text segment, are read off
+    the HF tokenizer's behaviour."""
+    model = tok_json.get("model") or {}
+    if not (folder / "tokenizer.model").exists() and (
+            model.get("type") != "BPE" or not model.get("byte_fallback")):
+        raise UnsupportedModelError(
+            f"the checkpoint's SentencePiece-style tokenizer ({model.get('type')}, byte_fallback "
+            f"{bool(model.get('byte_fallback'))}) has no tokenizer.model", SPM_FIX)
+    pre = tok_json.get("pre_tokenizer") or {}
+    for leaf in _flatten(pre):
+        if leaf.get("type") == "Metaspace" and leaf.get("prepend_scheme") == "first":
+            _refuse("a Metaspace pre-tokenizer that writes '▁' only at the very start "
+                    "(legacy=False; llama.cpp writes it after every special token too)",
+                    "save the tokenizer with legacy=True, or export --target onnx")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(tok_json))
+    ids = _special_ids(tok_json, tok_cfg)
+    add_bos, add_eos = _special_added(tok, ids.get("bos"), ids.get("eos"))
+    first = tok.encode("a", add_special_tokens=False).tokens
+    source = "tokenizer.model" if (folder / "tokenizer.model").exists() else \
+        "tokenizer.json (scores from the merge ranks)"
+    return TokenizerPlan("llama", "default", add_bos, add_eos, ids.get("bos"), ids.get("eos"),
+                         notes=[f"SentencePiece pieces and scores from {source}"],
+                         space_prefix=bool(first) and first[0].startswith("\u2581"))
+
+
+def _pieces_from_model(path: Path):
+    """(pieces, scores, types) of a tokenizer.model, typed as llama.cpp's converter does."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(path))
+    ids = range(sp.vocab_size())
+    types = [UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i)
+             else UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL for i in ids]
+    return [sp.id_to_piece(i) for i in ids], [sp.get_score(i) for i in ids], types
+
+
+def _pieces_from_json(model: dict):
+    """The same from a SentencePiece-BPE tokenizer.json (transformers saves no tokenizer.model).
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores highest;
+    HF's BPE merges the lowest-ranked pair. A piece scored minus the rank of the first merge
+    that makes it orders merges the same way (the hub's files rank merges by piece score)."""
+    vocab: dict[str, int] = model["vocab"]
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    pieces = sorted(vocab, key=vocab.get)
+    unk = model.get("unk_token")
+    types = [UNKNOWN if p == unk else BYTE if _BYTE.fullmatch(p) else NORMAL for p in pieces]
+    return pieces, [-float(rank.get(p, 0)) for p in pieces], types
+
+
+def _sentencepiece_vocab(folder: Path, tok_json: dict, size: int):
+    """(tokens, scores, types) as llama.cpp's converter derives them: every piece with its
+    score and kind, then the HF added tokens over them (special: control, else user-defined
+    with '▁' read as a space), then padding rows."""
+    model_file = folder / "tokenizer.model"
+    pieces, piece_scores, piece_types = (_pieces_from_model(model_file) if model_file.exists()
+                                         else _pieces_from_json(tok_json["model"]))
+    n = max(size, len(pieces))
+    tokens = pieces + [f"[PAD{i}]" for i in range(len(pieces), n)]
+    scores = piece_scores + [-1000.0] * (n - len(pieces))
+    types = piece_types + [UNUSED] * (n - len(pieces))
+    for added in tok_json.get("added_tokens", []):
+        idx, text = added["id"], added["content"]
+        if idx >= n:
+            raise UnsupportedModelError(f"added token {text!r} has id {idx} beyond the "
+                                        f"embedding's {n} rows", "fix the checkpoint's vocab_size")
+        special = bool(added.get("special"))
+        tokens[idx] = text if special else text.replace("\u2581", " ")
+        types[idx], scores[idx] = (CONTROL if special else USER_DEFINED), -1000.0
+    return tokens, scores, types
+
+
 def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
     """Write tokenizer.* keys and tokenizer.chat_template; returns a summary for the manifest.
 
-    Byte-level BPE tokenizers only (llama.cpp's "gpt2" model), with the pre-tokenizer named
-    by `tokenizer_plan` (which refuses everything else).
+    Byte-level BPE tokenizers (llama.cpp's "gpt2" model, with the pre-tokenizer named by
+    `tokenizer_plan`) and SentencePiece ones (llama.cpp's "llama" model, from tokenizer.model);
+    `tokenizer_plan` refuses everything else.
     """
     folder = Path(folder)
     plan = tokenizer_plan(folder)
     tok_json, tok_cfg = _read(folder)
+    if plan.model == "llama":
+        tokens, scores, types = _sentencepiece_vocab(folder, tok_json, vocab_size)
+        writer.add_tokenizer_model(plan.model)
+        writer.add_tokenizer_pre(plan.pre)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        return _add_common(writer, folder, plan, tok_json, tok_cfg,
+                           {"n_tokens": len(tokens), "space_prefix": plan.space_prefix})
     model = tok_json["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     special: set[int] = set()
@@ -232,7 +319,13 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    return _add_common(writer, folder, plan, tok_json, tok_cfg,
+                       {"n_tokens": size, "n_merges": len(merges)})
 
+
+def _add_common(writer, folder: Path, plan: TokenizerPlan, tok_json: dict, tok_cfg: dict,
+                summary: dict) -> dict:
+    """Special ids, what llama.cpp adds around a text, and the chat template."""
     ids = _special_ids(tok_json, tok_cfg)
     if "bos" in ids:
         writer.add_bos_token_id(ids["bos"])
@@ -243,16 +336,16 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
     if "unk" in ids:
         writer.add_unk_token_id(ids["unk"])
     # Mirror the HF post-processor so llama.cpp adds exactly the special tokens HF adds
-    # (chat templates that want BOS write it themselves); ByteLevel never adds a space prefix
-    # (tokenizer_plan refuses add_prefix_space).
+    # (chat templates that want BOS write it themselves), and its '▁' before each text segment
+    # (SentencePiece; byte-level BPE never: tokenizer_plan refuses add_prefix_space).
     writer.add_add_bos_token(plan.add_bos)
     writer.add_add_eos_token(plan.add_eos)
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(plan.space_prefix)
 
     template = chat_template(folder, tok_cfg)
     if template:
         writer.add_chat_template(template)
-    return {"model": plan.model, "pre": plan.pre, "n_tokens": size, "n_merges": len(merges),
+    return {"model": plan.model, "pre": plan.pre, **summary,
             "special_ids": ids, "add_bos": plan.add_bos, "add_eos": plan.add_eos,
             "notes": plan.notes, "chat_template": bool(template)}
 
