@@ -29,7 +29,8 @@ class CalibSample:
     image: Image.Image
     prompt: str
     answer: str | None  # short reference answer (for perplexity scoring), may be None
-    source: str  # file path or "builtin:<i>"
+    source: str  # file path, "builtin:<i>" or "tasks:<split>:<i>"
+    task: str | None = None  # the task-set task this item tests (edgevlm.tasks), if any
 
 
 @dataclass
@@ -50,7 +51,8 @@ def load_calibration(
 ) -> CalibSet:
     """Load calibration samples from ``spec`` and split them with ``seed``.
 
-    ``spec`` is ``builtin`` / ``builtin:N`` (N procedurally generated images, default 32), a
+    ``spec`` is ``builtin`` / ``builtin:N`` (N procedurally generated images, default 32),
+    ``tasks`` / ``tasks:N`` / ``tasks:N:SPLIT`` (the task set of `edgevlm.tasks`), a
     directory of images (optionally with a ``prompts.jsonl``), or a ``.jsonl`` file of
     ``{"image", "prompt", "answer"}`` lines. ``image_size`` makes builtin images square of that
     size; files are used as they are. ``description["fingerprint"]`` is a sha256 over the
@@ -65,12 +67,16 @@ def load_calibration(
     spec = str(spec)  # tolerate a Path
     if spec == "builtin" or spec.startswith("builtin:"):
         kind, samples = "builtin", _builtin(spec, seed, image_size)
+    elif spec == "tasks" or spec.startswith("tasks:"):
+        from edgevlm.tasks import parse_spec, task_samples
+
+        kind, samples = "tasks", task_samples(*parse_spec(spec), seed=seed)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise CalibrationError(
                 f"calibration data '{spec}' does not exist",
-                "pass 'builtin', 'builtin:N', a folder of images or a .jsonl file",
+                "pass 'builtin:N', 'tasks:N', a folder of images or a .jsonl file",
             )
         if path.is_dir():
             kind, samples = "dir", _from_dir(path)

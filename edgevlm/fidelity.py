@@ -61,8 +61,11 @@ def fidelity(base, pruned, samples, *, batch_size: int = 4, show_progress: bool 
 
 
 def random_baseline(base, n_drop: int, samples, k: int, *, seed: int = 0, protected=(),
-                    batch_size: int = 4, show_progress: bool = True) -> dict:
-    """Fidelity of k random plans removing n_drop layers: mean and spread per metric."""
+                    batch_size: int = 4, accuracy: bool = False,
+                    show_progress: bool = True) -> dict:
+    """Fidelity (and with `accuracy`, task accuracy) of k random plans removing n_drop
+    layers: mean and spread per metric."""
+    from edgevlm.accuracy import task_accuracy
     from edgevlm.loader import LoadedVLM
     from edgevlm.plan import random_plan
     from edgevlm.prune import prune_
@@ -79,14 +82,27 @@ def random_baseline(base, n_drop: int, samples, k: int, *, seed: int = 0, protec
                               adapter=base.adapter, name="random", path=base.path)
         prune_(candidate, plan)
         result = fidelity(base, candidate, samples, batch_size=batch_size, show_progress=False)
+        if accuracy:
+            result["accuracy"] = task_accuracy(candidate, samples)
         result["dropped"] = plan.layers
         runs.append(result)
         del candidate
     summary = {"k": k, "n_dropped": n_drop, "runs": runs}
     for key in ("kl", "top1_agreement", "ppl_pruned"):
-        values = [r[key] for r in runs if r[key] is not None]
-        if values:
-            summary[key] = {"mean": statistics.fmean(values),
-                            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-                            "min": min(values), "max": max(values)}
-    return summary
+        summary[key] = spread([r[key] for r in runs])
+    if accuracy:
+        summary["accuracy"] = spread([r["accuracy"]["average"] for r in runs])
+        tasks = runs[0]["accuracy"]["per_task"] if runs else {}
+        summary["accuracy_per_task"] = {
+            t: spread([r["accuracy"]["per_task"][t] for r in runs]) for t in tasks}
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def spread(values) -> dict | None:
+    """Mean, population sd, min and max of the non-None values (None if there are none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values),
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}

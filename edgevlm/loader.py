@@ -122,9 +122,13 @@ def _rename_vision_keys(file: Path, prefix: str) -> None:
 
 
 def resolve(name: str, seed: int = 0) -> Path:
-    """A local checkpoint folder for a tiny name, a local path or a hub id."""
+    """A local checkpoint folder for a tiny/random/trained name, a local path or a hub id."""
     if name.startswith(("tiny:", "random:")):
         return materialize_tiny(name, seed=seed)
+    if name.startswith("trained:"):
+        from edgevlm.trained import resolve_trained
+
+        return resolve_trained(name)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -10,22 +10,26 @@ def chat_text(processor, prompt: str, answer: str | None = None) -> str:
     return text + answer if answer else text
 
 
-def encode(vlm, samples, *, with_answer: bool = False, device=None):
+def encode(vlm, samples, *, with_answer: bool = False, answer_eos: bool = False, device=None):
     """Batch-encode samples (left-padded, so position -1 is every row's last prompt token).
 
     With `with_answer`, the reference answer follows the prompt and the returned batch has
-    `answer_mask` (bool, batch x seq) marking the answer tokens.
+    `answer_mask` (bool, batch x seq) marking the answer tokens. With `answer_eos` the answer
+    ends with the tokenizer's end-of-turn token, masked as part of the answer: what training
+    needs so that greedy generation stops after the answer.
     """
     import torch
 
     processor = vlm.processor
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    texts = [chat_text(processor, s.prompt, s.answer if with_answer else None) for s in samples]
+    eos = tokenizer.eos_token if answer_eos else ""
+    answers = [(s.answer + eos) if with_answer and s.answer else None for s in samples]
+    texts = [chat_text(processor, s.prompt, a) for s, a in zip(samples, answers, strict=True)]
     images = [[s.image] for s in samples]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     if with_answer:
-        lengths = [len(tokenizer(s.answer or "", add_special_tokens=False).input_ids) for s in samples]
+        lengths = [len(tokenizer(a or "", add_special_tokens=False).input_ids) for a in answers]
         mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
         for row, n in enumerate(lengths):
             if n:
