@@ -24,5 +24,7 @@ setup(
     package_dir=package_dir,
     package_data={"edgevlm.devices": ["profiles/*.toml"],
                   # random: presets read the real models' config/tokenizer files
-                  "edgevlm.tiny": ["real/*.md", "real/*/*"]},
+                  "edgevlm.tiny": ["real/*.md", "real/*/*"],
+                  # trained: reference models (fp16 weights, processor files, model card)
+                  "edgevlm.trained": ["*/*"]},
 )
