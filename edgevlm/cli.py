@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from edgevlm import __version__
+from edgevlm import __version__, vision_cli
 from edgevlm.errors import EdgeVLMError
 from edgevlm.loader import DEFAULT_MODEL
 from edgevlm.ui import set_quiet
@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score every decoder layer (writes scores.json)")
     p.add_argument("model")
-    _score_options(p, required=True)
+    _score_options(p, required=False)  # or vision options only
     _plan_options(p)
+    vision_cli.add_options(p)
     _calib_options(p)
     _model_options(p)
     _out_options(p)
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _score_options(p, required=False)
     _plan_options(p)
+    vision_cli.add_options(p)
     p.add_argument("--plan", type=Path, help="replay a plan.json instead of scoring")
     _calib_options(p)
     _model_options(p)
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"hub id, local folder or tiny:<family> (default {DEFAULT_MODEL})")
     _score_options(p, required=False)
     _plan_options(p)
+    vision_cli.add_options(p)
     p.add_argument("--plan", type=Path, help="replay a plan.json instead of scoring")
     p.add_argument("--target", required=True, help="onnx or gguf")
     p.add_argument("--quant", default=None, help="onnx: none|int8|q4; gguf: f16|q8_0|q4_k_m|...")

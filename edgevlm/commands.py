@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from edgevlm import vision_cli
 from edgevlm.errors import UsageError
 from edgevlm.ui import info, native_stdout_silenced
 
@@ -93,15 +94,26 @@ def cmd_score(args) -> int:
     from edgevlm.outdir import check_writable, staged_dir
     from edgevlm.scoring import SCORERS
 
-    SCORERS.get(args.method)
+    if not args.method and not vision_cli.requested(args):
+        raise UsageError("say what to score", "pass --method bi|angular|lc|svl and/or "
+                         "--vision-method bi|kl")
+    if args.method:
+        SCORERS.get(args.method)
+    vision_cli.early_checks(args)
     check_writable(Path(args.out), args.force)
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
-    scores = _score(args, vlm, calib, n_drop=_n_drop(args, vlm))
+    scores = _score(args, vlm, calib, n_drop=_n_drop(args, vlm)) if args.method else None
+    vision_scores = vision_cli.score(args, vlm, calib)
     with staged_dir(args.out, args.force) as tmp:
-        pipeline.write_scores(tmp, scores)
-    _print_scores(scores)
-    info(f"wrote {args.out}/scores.json")
+        if scores is not None:
+            pipeline.write_scores(tmp, scores)
+        vision_cli.write_scores(tmp, vision_scores)
+    if scores is not None:
+        _print_scores(scores)
+    if vision_scores is not None:
+        vision_cli.print_scores(vision_scores)
+    info(f"wrote scores to {args.out}/")
     return 0
 
 
@@ -113,12 +125,20 @@ def _print_scores(scores) -> None:
 
 
 def _plan(args, vlm, calib):
-    """Scores + plan from --plan or from --method/--ratio; also returns the scores."""
+    """Scores + plan from --plan or from --method/--ratio (+ the vision options, whose plan
+    the decoder plan carries); also returns the decoder scores."""
+    scores, plan = _decoder_plan(args, vlm, calib)
+    return scores, vision_cli.attach(args, vlm, calib, plan)
+
+
+def _decoder_plan(args, vlm, calib):
     from edgevlm import pipeline
     from edgevlm.types import PrunePlan
 
     if args.plan:
         return None, PrunePlan.load(args.plan).validate()
+    if not args.method and vision_cli.requested(args):
+        return None, None  # the vision tower only
     if not args.method:
         raise UsageError("say how to choose layers", "pass --method bi|angular|lc|svl or --plan plan.json")
     if args.ratio is None and args.n_layers is None:
@@ -139,6 +159,7 @@ def _early_checks(args) -> None:
         SCORERS.get(args.method)
     if args.ratio is not None or args.n_layers is not None:
         layers_to_drop(10**6, args.ratio, args.n_layers)  # range checks only
+    vision_cli.early_checks(args)
     check_writable(Path(args.out), args.force)
 
 
@@ -218,7 +239,7 @@ def cmd_export(args) -> int:
     options = ({"mmproj_type": args.mmproj_type} if target.name == "gguf"
                else {"vision_quant": args.vision_quant})
     target.check(quant, None, **options)
-    pruning = args.method or args.plan
+    pruning = vision_cli.requested(args) or args.method or args.plan
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
     target.check(quant, vlm.config, **options)

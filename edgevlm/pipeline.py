@@ -52,9 +52,14 @@ def write_scores(out: Path, scores: LayerScores, plan: PrunePlan | None = None) 
 def prune_and_save(vlm, plan: PrunePlan, out: Path) -> Path:
     from edgevlm.prune import prune_, save_pruned
 
-    prune_(vlm, plan)
-    info(f"removed layers {plan.layers} ({len(plan.layers)} of {plan.n_layers}); "
-         f"{len(plan.kept)} remain")
+    if plan.layers or not plan.vision:
+        prune_(vlm, plan)
+        info(f"removed layers {plan.layers} ({len(plan.layers)} of {plan.n_layers}); "
+             f"{len(plan.kept)} remain")
+    if plan.vision:
+        from edgevlm.vision_cli import prune_vision
+
+        prune_vision(vlm, PrunePlan.from_dict(plan.vision))
     return save_pruned(vlm, out / "pruned")
 
 
@@ -63,6 +68,12 @@ def export_name(model: str, plan: PrunePlan | None) -> str:
     stem = Path(model.replace(":", "-")).name or "model"
     if plan is None:
         return stem
+    if plan.vision:
+        from edgevlm.vision_cli import export_suffix
+
+        stem += export_suffix(plan.vision)
+        if not plan.layers:
+            return stem
     amount = f"{round(plan.ratio * 100)}" if plan.ratio else f"-{len(plan.layers)}layers"
     return f"{stem}-{plan.method}{amount}"
 

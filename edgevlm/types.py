@@ -88,6 +88,9 @@ class PrunePlan(JsonMixin):
     ratio: float | None = None
     protected: list[int] = field(default_factory=list)
     scores: list[float] | None = None
+    # The vision-tower plan (a PrunePlan as a dict, edgevlm.vision_prune), if any: one plan
+    # file and one manifest record describe everything that was removed.
+    vision: dict | None = None
 
     @property
     def kept(self) -> list[int]:
