@@ -20,6 +20,7 @@ EPILOG = """examples:
   edgevlm score tiny:qwen2-vl --method lc -o scores/
   edgevlm prune tiny:llava --method bi --ratio 0.25 -o out/
   edgevlm eval tiny:llava out/pruned --baseline random:5
+  edgevlm heal out/pruned --teacher tiny:llava --recipe sft+hidden-kd --data tasks --fraction 0.05 -o healed
 """
 
 
@@ -51,6 +52,38 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--ratio", type=float, help="fraction of decoder layers to remove")
     group.add_argument("--n-layers", type=int, help="number of decoder layers to remove")
     p.add_argument("--protect", default=None, help="layers never removed: first,last,<index>")
+
+
+def _layer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axis", default="layers", choices=["layers", "width"],
+                   help="remove whole decoder layers, or uniformly narrow every layer (Taylor "
+                        "importance per attention head group / MLP channel; --ratio)")
+    p.add_argument("--compensate", type=int, default=None, metavar="K",
+                   help="SVL subspace compensation of each removed block (rank K, e.g. 8)")
+
+
+def _heal_options(p: argparse.ArgumentParser, *, batch_size: bool) -> None:
+    """Recovery training options, shared by `heal` and `export --recover`."""
+    p.add_argument("--data", default="tasks",
+                   help="training data: tasks[:N[:train]], builtin[:N], a folder or a .jsonl "
+                        "(default: the task set's train split, 20000 items)")
+    p.add_argument("--fraction", type=float, default=0.05,
+                   help="share of the training split to use, in (0, 1] (default 0.05)")
+    p.add_argument("--train", default=None, choices=["decoder", "projector", "all"],
+                   help="what trains in full (default: the recipe's; sft: decoder)")
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="train LoRA adapters of rank R on the decoder's linear layers instead "
+                        "(merged into the weights on save)")
+    p.add_argument("--ce-weight", type=float, default=None, help="logit-kd: weight of answer CE")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: one pass over the selected items)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 2e-4 full, 1e-3 LoRA or projector)")
+    if batch_size:
+        p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="write a training checkpoint every N steps")
 
 
 def _out_options(p: argparse.ArgumentParser, default: str = "out") -> None:
@@ -90,9 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(p)
     vision_cli.add_options(p)
     p.add_argument("--plan", type=Path, help="replay a plan.json instead of scoring")
+    _layer_options(p)
     _calib_options(p)
     _model_options(p)
     _out_options(p)
+
+    p = sub.add_parser("heal", help="recover a pruned model's accuracy by training (writes a checkpoint)")
+    p.add_argument("pruned", help="the pruned checkpoint (e.g. out/pruned)")
+    p.add_argument("--teacher", default=None,
+                   help="the unpruned model (needed by sft+hidden-kd and logit-kd)")
+    p.add_argument("--recipe", required=True,
+                   help="projector, sft, sft+hidden-kd or logit-kd")
+    _heal_options(p, batch_size=True)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.checkpoint")
+    _model_options(p)
+    _out_options(p, default="healed")
 
     p = sub.add_parser("eval", help="fidelity of a pruned model against its base")
     p.add_argument("base")
@@ -115,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmproj-type", default="f16", help="gguf mmproj type: f16 or q8_0")
     p.add_argument("--vision-quant", default="none", help="onnx vision encoder: none or int8")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not advised)")
+    _layer_options(p)
+    p.add_argument("--recover", default=None, metavar="RECIPE",
+                   help="heal the pruned model before exporting (see `edgevlm heal`)")
+    _heal_options(p, batch_size=False)
     _calib_options(p)
     _model_options(p)
     _out_options(p)
@@ -155,9 +205,10 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
 
 def _commands() -> dict:
     from edgevlm import commands, device_commands
+    from edgevlm.recovery.commands import cmd_heal
 
     return {"list": commands.cmd_list, "inspect": commands.cmd_inspect,
-            "score": commands.cmd_score, "prune": commands.cmd_prune, "eval": commands.cmd_eval,
+            "score": commands.cmd_score, "prune": commands.cmd_prune, "eval": commands.cmd_eval, "heal": cmd_heal,
             "export": commands.cmd_export, "devices": device_commands.cmd_devices,
             "run": device_commands.cmd_run, "bench": device_commands.cmd_bench}
 

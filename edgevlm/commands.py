@@ -160,7 +160,50 @@ def _early_checks(args) -> None:
     if args.ratio is not None or args.n_layers is not None:
         layers_to_drop(10**6, args.ratio, args.n_layers)  # range checks only
     vision_cli.early_checks(args)
+    _check_width_and_recovery(args)
     check_writable(Path(args.out), args.force)
+
+
+def _check_width_and_recovery(args) -> None:
+    """--axis width, --compensate and --recover: combinations refused before any work."""
+    if getattr(args, "axis", "layers") == "width":
+        from edgevlm.width import check_ratio
+
+        if args.method or args.plan or args.n_layers is not None or args.compensate:
+            raise UsageError("--axis width chooses heads and channels by Taylor importance "
+                             "and takes --ratio only",
+                             "drop --method/--plan/--n-layers/--compensate, or use --axis layers")
+        check_ratio(args.ratio)
+    if getattr(args, "compensate", None) is not None and args.compensate < 1:
+        raise UsageError(f"--compensate {args.compensate} must be a rank of at least 1",
+                         "e.g. --compensate 8")
+    if getattr(args, "recover", None):
+        from edgevlm.recovery.commands import heal_config, prepare
+
+        if not (args.method or args.plan or args.axis == "width"):
+            raise UsageError("--recover heals a pruned model, and nothing is pruned",
+                             "add --method bi --ratio 0.3 (or --axis width --ratio 0.3)")
+        prepare(heal_config(args, args.recover), None, None)  # options and data
+
+
+def _prune_stage(args, vlm, calib, tmp: Path):
+    """Prune `vlm` into tmp/pruned (layers, with optional compensation, or width) and write
+    the plan; returns (plan, checkpoint folder, plan record for the manifest)."""
+    from edgevlm import pipeline
+
+    if args.axis == "width":
+        plan, model_dir = pipeline.width_prune_and_save(vlm, calib.scoring, args.ratio, tmp,
+                                                        batch_size=args.batch_size)
+        return plan, model_dir, plan.config_record()
+    scores, plan = _plan(args, vlm, calib)
+    k = args.compensate or (plan.compensation or {}).get("k")  # a replayed plan keeps its k
+    if k:
+        pipeline.compensate(vlm, plan, calib.scoring, k, batch_size=args.batch_size)
+    if scores is not None:
+        pipeline.write_scores(tmp, scores, plan)
+    else:
+        plan.save(tmp / "plan.json")
+    return plan, pipeline.prune_and_save(vlm, plan, tmp), plan.to_dict()
 
 
 def cmd_prune(args) -> int:
@@ -170,15 +213,14 @@ def cmd_prune(args) -> int:
     _early_checks(args)
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
-    scores, plan = _plan(args, vlm, calib)
     with staged_dir(args.out, args.force) as tmp:
-        if scores is not None:
-            pipeline.write_scores(tmp, scores, plan)
-        else:
-            plan.save(tmp / "plan.json")
-        pipeline.prune_and_save(vlm, plan, tmp)
+        plan, _, _ = _prune_stage(args, vlm, calib, tmp)
+    if args.axis == "width":
+        print(f"pruned model: {args.out}/pruned (width, {plan.summary()})")
+        return 0
     print(f"pruned model: {args.out}/pruned ({len(plan.kept)} of {plan.n_layers} layers kept; "
-          f"removed {plan.layers})")
+          f"removed {plan.layers}" + (f"; compensated, rank {plan.compensation['k']})"
+                                       if plan.compensation else ")"))
     return 0
 
 
@@ -239,7 +281,7 @@ def cmd_export(args) -> int:
     options = ({"mmproj_type": args.mmproj_type} if target.name == "gguf"
                else {"vision_quant": args.vision_quant})
     target.check(quant, None, **options)
-    pruning = vision_cli.requested(args) or args.method or args.plan
+    pruning = vision_cli.requested(args) or args.method or args.plan or args.axis == "width"
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
     target.check(quant, vlm.config, **options)
@@ -247,14 +289,15 @@ def cmd_export(args) -> int:
     with staged_dir(args.out, args.force) as tmp:
         plan = None
         if pruning:
-            scores, plan = _plan(args, vlm, calib)
-            if scores is not None:
-                pipeline.write_scores(tmp, scores, plan)
-            model_dir = pipeline.prune_and_save(vlm, plan, tmp)
-            plan_record = plan.to_dict()
+            plan, model_dir, plan_record = _prune_stage(args, vlm, calib, tmp)
         else:
             model_dir, plan_record = vlm.path, getattr(vlm.config, "edgevlm_plan", None)
         del vlm  # the exporter reloads the saved checkpoint as its reference
+        if args.recover:
+            from edgevlm.recovery.commands import recover_for_export
+
+            model_dir, recovery = recover_for_export(args, model_dir, tmp)
+            plan_record = dict(plan_record, recovery=recovery)
         extra = dict(options, name=pipeline.export_name(args.model, plan)) if (
             target.name == "gguf") else options
         with native_stdout_silenced(not args.verbose):

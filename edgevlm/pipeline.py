@@ -63,6 +63,32 @@ def prune_and_save(vlm, plan: PrunePlan, out: Path) -> Path:
     return save_pruned(vlm, out / "pruned")
 
 
+def compensate(vlm, plan: PrunePlan, samples, k: int, *, batch_size: int = 4) -> None:
+    """SVL subspace compensation (edgevlm.compensate) for the blocks `plan` removes, made on
+    the unpruned model just before they go; recorded in the plan."""
+    from edgevlm.compensate import compensate_
+
+    plan.compensation = compensate_(vlm, plan.layers, samples, k, batch_size=batch_size)
+    edits = plan.compensation["edits"]
+    info(f"compensated {len(edits)} removed block(s) with rank {k}: edited the MLP "
+         f"down-projection of layer(s) {[e['layer'] for e in edits]}"
+         + (f"; block(s) {plan.compensation['skipped']} start at layer 0, nothing precedes them"
+            if plan.compensation["skipped"] else ""))
+
+
+def width_prune_and_save(vlm, samples, ratio: float, out: Path, *, batch_size: int = 4):
+    """Uniform width pruning (edgevlm.width): out/plan.json and out/pruned/."""
+    from edgevlm.prune import save_pruned
+    from edgevlm.width import prune_width_
+
+    plan = prune_width_(vlm, samples, ratio, batch_size=batch_size)
+    plan.save(Path(out) / "plan.json")
+    info(f"width pruning ({plan.method}, {plan.samples} samples): {plan.summary()}")
+    if plan.attention_note:
+        info(f"note: {plan.attention_note}")
+    return plan, save_pruned(vlm, Path(out) / "pruned")
+
+
 def export_name(model: str, plan: PrunePlan | None) -> str:
     """File-name stem for an export: 'SmolVLM-256M-Instruct-bi30', 'tiny-smolvlm'."""
     stem = Path(model.replace(":", "-")).name or "model"

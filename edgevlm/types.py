@@ -91,6 +91,9 @@ class PrunePlan(JsonMixin):
     # The vision-tower plan (a PrunePlan as a dict, edgevlm.vision_prune), if any: one plan
     # file and one manifest record describe everything that was removed.
     vision: dict | None = None
+    # Training-free subspace compensation applied when the layers were removed
+    # (edgevlm.compensate): k, the edited layers, the calibration used.
+    compensation: dict | None = None
 
     @property
     def kept(self) -> list[int]:
