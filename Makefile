@@ -16,7 +16,14 @@ $(BIN)/.installed: pyproject.toml setup.py constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
 	touch $@
 
-install: $(BIN)/.installed
+# transformers.js for tests/test_transformers_js.py (Node; onnxruntime-node's CPU binding ships
+# in the package, so no install scripts run).
+JS := tests/js
+$(JS)/node_modules/.installed: $(JS)/package.json
+	cd $(JS) && npm install --ignore-scripts --no-audit --no-fund @huggingface/transformers@4
+	touch $@
+
+install: $(BIN)/.installed $(JS)/node_modules/.installed
 
 # The whole chain offline on a tiny random model: score, prune 30%, export to GGUF and ONNX
 # (each verified against PyTorch), answer about an image, and time both exports.
@@ -34,4 +41,4 @@ test: lint
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) out build dist *.egg-info
+	rm -rf $(VENV) out build dist *.egg-info $(JS)/node_modules

@@ -21,6 +21,8 @@ import numpy as np
 FAMILY_OF_MODEL_TYPE = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "smolvlm": "smolvlm",
                         "idefics3": "smolvlm", "llava": "llava", "gemma3": "gemma3"}
 SUFFIX = {"none": "", "int8": "_quantized", "q4": "_q4"}
+# transformers.js counts Gemma 3's positions from 1 (rotary: only differences matter).
+POSITION_START = {"gemma3": 1}
 
 
 @dataclass
@@ -107,15 +109,14 @@ class OnnxVLM:
         embeds = self.embeddings(input_ids, features)
         positions, delta = self.prompt_positions(input_ids, inputs)
         cache = self.decoder.cache(max_len=input_ids.shape[1] + max_new_tokens + 1)
-        logits = cache.run(embeds, positions, self.biases(input_ids[0], 0))
+        logits = cache.run(embeds, positions)
         return DecodeState(cache, input_ids.shape[1], delta, features), logits
 
     def step(self, state: DecodeState, token: int) -> np.ndarray:
         """Append one token; returns the next logits."""
         pos = state.cache.length
         logits = state.cache.run(self.embeddings(np.array([[token]], dtype=np.int64)),
-                                 self.step_positions(pos, state.delta),
-                                 self.biases(np.array([token]), pos))
+                                 self.step_positions(pos, state.delta))
         return logits
 
     def generate(self, inputs: dict, max_new_tokens: int = 16, *, eos_token_id=None,
@@ -135,18 +136,11 @@ class OnnxVLM:
             if token in eos or step == n_steps - 1:
                 break
             logits = self.step(state, token)
+        features = state.features
+        if features is not None:  # without Gemma 3's image-flag channel
+            features = features[..., :int(self.config.get("text_config", self.config)["hidden_size"])]
         return Generation(tokens=tokens, prefill_logits=prefill, argmax=argmax,
-                          image_features=state.features)
-
-    def biases(self, new_ids: np.ndarray, past: int) -> dict | None:
-        """Attention biases for a torch.onnx fallback decoder (None for builder graphs)."""
-        if not self.decoder.bias_inputs:
-            return None
-        if past == 0:
-            self._prompt_ids = new_ids
-        text = self.config.get("text_config", self.config)
-        return gemma3_biases(self._prompt_ids, past, len(new_ids), self.image_token_id,
-                             text.get("sliding_window"))
+                          image_features=features)
 
     def prompt_positions(self, input_ids, inputs):
         """Position ids for the prompt (None where the graph derives them from the mask) and
@@ -156,14 +150,15 @@ class OnnxVLM:
         if self.family in ("qwen2-vl", "qwen2.5-vl"):
             pos = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"), self.config)
             return pos[:, None, :], int(pos.max()) + 1 - input_ids.shape[1]
-        return np.arange(input_ids.shape[1], dtype=np.int64)[None], 0
+        start = POSITION_START.get(self.family, 0)
+        return np.arange(start, start + input_ids.shape[1], dtype=np.int64)[None], start
 
     def step_positions(self, pos: int, delta: int):
         if not self.has_position_ids:
             return None
         if self.family in ("qwen2-vl", "qwen2.5-vl"):
             return np.full((3, 1, 1), pos + delta, dtype=np.int64)
-        return np.array([[pos]], dtype=np.int64)
+        return np.array([[pos + delta]], dtype=np.int64)
 
 
 @dataclass
@@ -188,8 +183,8 @@ class Decoder:
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
         self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
         self.has_position_ids = "position_ids" in names
-        # torch.onnx fallback graphs take host-made attention biases instead of a 2-D mask.
-        self.bias_inputs = [n for n in names if n.endswith("_attention_bias")]
+        # torch.onnx fallback graphs build their attention biases and take no mask.
+        self.has_attention_mask = "attention_mask" in names
         self.kv_heads, self.head_dim = kv_heads, head_dim
         meta = self.session.get_modelmeta().custom_metadata_map
         in_place = meta.get("edgevlm.kv_in_place", "1") == "1"
@@ -221,9 +216,8 @@ class KVCache:
             self.past = {n: empty for n in decoder.past_names}
         self.binding = decoder.session.io_binding()
 
-    def run(self, embeds: np.ndarray, positions, biases: dict | None = None) -> np.ndarray:
-        """One decoder call (prefill or a decode step); returns logits (vocab,) at the end.
-        `biases`: the attention-bias inputs of a torch.onnx fallback graph."""
+    def run(self, embeds: np.ndarray, positions) -> np.ndarray:
+        """One decoder call (prefill or a decode step); returns logits (vocab,) at the end."""
         dec, b = self.decoder, self.binding
         if self.length + embeds.shape[1] > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; "
@@ -232,10 +226,7 @@ class KVCache:
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
-        if dec.bias_inputs:
-            for name in dec.bias_inputs:
-                b.bind_cpu_input(name, np.ascontiguousarray(biases[name], dtype=np.float32))
-        else:
+        if dec.has_attention_mask:
             b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if positions is not None:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
@@ -266,44 +257,21 @@ def _image_token_id(config: dict) -> int | None:
     return None
 
 
-# --- host-side preprocessing (what the graphs leave out on purpose) -------------------------
-def gemma3_biases(prompt_ids: np.ndarray, past: int, new: int, image_token_id, window) -> dict:
-    """Gemma3's additive attention biases (1, 1, new, past + new): causal, except that tokens
-    of one image see each other both ways; sliding layers also see only `window` back."""
-    q = np.arange(past, past + new)[:, None]
-    k = np.arange(past + new)[None, :]
-    causal = k <= q
-    same_image = np.zeros_like(causal)
-    if image_token_id is not None:
-        ids = np.full(past + new, -1, dtype=np.int64)
-        n = min(len(prompt_ids), past + new)
-        ids[:n] = prompt_ids[:n]
-        is_image = ids == image_token_id
-        starts = is_image & ~np.concatenate([[False], is_image[:-1]])
-        block = np.where(is_image, np.cumsum(starts), 0)  # one id per run of image tokens
-        same_image = (block[q] > 0) & (block[q] == block[k])
-    full = causal | same_image
-    sliding = ((causal & (q - k < window)) | same_image) if window else full
-    floor = np.finfo(np.float32).min
-    return {"full_attention_bias": np.where(full, 0.0, floor).astype(np.float32)[None, None],
-            "sliding_attention_bias": np.where(sliding, 0.0, floor).astype(np.float32)[None, None]}
-
-
+# --- feeding the vision encoder (what transformers.js feeds it) ----------------------------
 def vision_inputs(family: str, config: dict, inputs: dict) -> dict:
-    """Graph inputs for a family's vision encoder from processor outputs (numpy)."""
+    """Vision-encoder feeds from processor outputs (numpy), as transformers.js 4 feeds them:
+    SmolVLM rank-5 pixel_values + bool pixel_attention_mask; Qwen patches + grid (`grid_thw` for
+    Qwen2-VL, `image_grid_thw` for Qwen2.5-VL); others pixel_values."""
     pv = np.asarray(inputs["pixel_values"], dtype=np.float32)
     if family == "smolvlm":
-        # (B, tiles, 3, H, W), padded with all-zero tiles: drop those, as the model does.
+        pv = pv.reshape(-1, *pv.shape[-4:]) if pv.ndim == 5 else pv[None]
         mask = inputs.get("pixel_attention_mask")
-        flat = pv.reshape(-1, *pv.shape[-3:])
-        mask = (np.ones((flat.shape[0], *flat.shape[-2:]), np.int64) if mask is None
-                else np.asarray(mask).reshape(-1, *flat.shape[-2:]).astype(np.int64))
-        real = (flat != 0).reshape(len(flat), -1).any(axis=1)
-        if not real.any():
-            real[0] = True
-        return {"pixel_values": flat[real], "pixel_attention_mask": mask[real]}
+        mask = (np.ones((*pv.shape[:2], *pv.shape[-2:]), bool) if mask is None
+                else np.asarray(mask).reshape(*pv.shape[:2], *pv.shape[-2:]).astype(bool))
+        return {"pixel_values": pv, "pixel_attention_mask": mask}
     if family in ("qwen2-vl", "qwen2.5-vl"):
-        return qwen_vision_inputs(config, pv, np.asarray(inputs["image_grid_thw"], dtype=np.int64))
+        grid = "image_grid_thw" if family == "qwen2.5-vl" else "grid_thw"
+        return {"pixel_values": pv, grid: np.asarray(inputs["image_grid_thw"], dtype=np.int64)}
     return {"pixel_values": pv}
 
 
@@ -331,61 +299,3 @@ def mrope_position_ids(input_ids: np.ndarray, image_grid_thw, config: dict) -> n
             pos += max(h, w) // merge
         i = j
     return np.concatenate(out, axis=1).astype(np.int64)
-
-
-def qwen_vision_inputs(config: dict, patches: np.ndarray, grid_thw: np.ndarray) -> dict:
-    """Host-computed inputs of the Qwen2-VL/2.5-VL vision graph: rotary position ids,
-    block-diagonal attention bias (per image; per window for Qwen2.5-VL's windowed blocks)
-    and Qwen2.5-VL's window reordering."""
-    vcfg = config["vision_config"]
-    merge = int(vcfg.get("spatial_merge_size", 2))
-    pos = []
-    for t, h, w in grid_thw.tolist():
-        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        shape = (h // merge, merge, w // merge, merge)
-        hh = hh.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-        ww = ww.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-        pos.append(np.tile(np.stack([hh, ww], axis=-1), (t, 1)))
-    pos = np.concatenate(pos).astype(np.int64)
-    seqlens = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    cu = np.concatenate([[0], np.cumsum(seqlens)])
-    feeds = {"pixel_values": patches.astype(np.float32), "vision_position_ids": pos,
-             "attention_bias": _block_bias(cu, len(patches))}
-    if config.get("model_type") == "qwen2_5_vl":
-        index, cu_window = _window_index(grid_thw, merge, int(vcfg["window_size"]),
-                                         int(vcfg["patch_size"]))
-        feeds["window_index"] = index
-        feeds["window_reverse_index"] = np.argsort(index).astype(np.int64)
-        feeds["window_bias"] = _block_bias(cu_window, len(patches))
-    return feeds
-
-
-def _block_bias(cu: np.ndarray, n: int) -> np.ndarray:
-    """Additive attention bias (1, 1, n, n): 0 inside each [cu[i], cu[i+1]) block, -inf-ish off it."""
-    seg = np.searchsorted(np.asarray(cu)[1:], np.arange(n), side="right")
-    bias = np.where(seg[:, None] == seg[None, :], 0.0, np.finfo(np.float32).min)
-    return bias.astype(np.float32)[None, None]
-
-
-def _window_index(grid_thw: np.ndarray, merge: int, window_size: int, patch_size: int):
-    """Qwen2.5-VL window order of merged tokens and window boundaries in patches
-    (a numpy port of transformers.vision_utils.get_vision_window_index)."""
-    index_all, cu = [], [0]
-    offset = 0
-    win = window_size // merge // patch_size
-    unit = merge * merge
-    for t, h, w in grid_thw.tolist():
-        gh, gw = h // merge, w // merge
-        index = np.arange(t * gh * gw).reshape(t, gh, gw)
-        pad_h, pad_w = win - gh % win, win - gw % win
-        nh, nw = (gh + pad_h) // win, (gw + pad_w) // win
-        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-100)
-        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
-        seqlens = (padded != -100).sum(axis=(2, 3)).reshape(-1)
-        flat = padded.reshape(-1)
-        index_all.append(flat[flat != -100] + offset)
-        cu.extend((np.cumsum(seqlens) * unit + cu[-1]).tolist())
-        offset += t * gh * gw
-    cu = np.array(cu, dtype=np.int64)
-    cu = cu[np.concatenate([[True], np.diff(cu) != 0])]
-    return np.concatenate(index_all).astype(np.int64), cu

@@ -132,6 +132,23 @@ def test_one_graph_serves_prompt_lengths_and_image_sizes(exports, family):
         assert len(lengths) == 2
 
 
+def test_qwen25_attention_windows_in_graph(exports):
+    """A 224x168 image spans 2x2 of Qwen2.5-VL's attention windows: the graph, fed only the
+    patches and the grid, restricts its windowed blocks to each window as torch does."""
+    from edgevlm.export.onnx_export.verify import torch_reference
+    from edgevlm.runtimes.ort_generate import OnnxVLM
+
+    out, _ = exports("qwen2.5-vl")
+    vlm = load_tiny("qwen2.5-vl")
+    ref = torch_reference(vlm, _samples(((224, 168),))[0], 4)
+    vcfg = vlm.config.vision_config
+    units = ref["inputs"]["image_grid_thw"][0, 1:] // vcfg.spatial_merge_size
+    assert (units > vcfg.window_size // vcfg.spatial_merge_size // vcfg.patch_size).all()
+    run = OnnxVLM(out / "onnx").generate(ref["inputs"], 4)
+    assert np.abs(run.image_features - ref["features"]).max() < 1e-4
+    assert run.tokens == ref["tokens"]
+
+
 def test_shared_kv_buffer_matches_feeding_present_back(exports):
     from edgevlm.export.onnx_export.verify import torch_reference
     from edgevlm.runtimes.ort_generate import OnnxVLM
@@ -200,26 +217,32 @@ def test_bad_inputs():
 
 
 def test_gemma3_image_tokens_attend_both_ways(exports):
-    """The reason gemma3 has a torch.onnx decoder: a causal-only graph would differ here."""
+    """The reason gemma3 has a torch.onnx decoder: image tokens, marked by the last channel of
+    inputs_embeds (1 from the vision encoder, 0 from embed_tokens), see each other both ways in
+    the graph; unmarked, the same rows are causal, as torch is without token_type_ids."""
     import torch
 
     from edgevlm.export.onnx_export.verify import torch_reference
-    from edgevlm.runtimes.ort_generate import OnnxVLM, gemma3_biases
+    from edgevlm.runtimes.ort_generate import OnnxVLM
 
     vlm = load_tiny("gemma3")
     ref = torch_reference(vlm, _samples()[0], 2)
-    ids = ref["inputs"]["input_ids"][0]
-    biases = gemma3_biases(ids, 0, len(ids), vlm.config.image_token_id, 32)
-    image = np.flatnonzero(ids == vlm.config.image_token_id)
-    assert biases["full_attention_bias"][0, 0, image[0], image[-1]] == 0  # looks ahead in-image
-    assert biases["full_attention_bias"][0, 0, 0, 1] < 0  # text stays causal
     out, _ = exports("gemma3")
-    run = OnnxVLM(out / "onnx").generate(ref["inputs"], 2)
-    np.testing.assert_allclose(run.prefill_logits, ref["logits"], atol=1e-4)
-    with torch.no_grad():  # without token_type_ids torch is causal: clearly different
+    runner = OnnxVLM(out / "onnx")
+    np.testing.assert_allclose(runner.generate(ref["inputs"], 2).prefill_logits, ref["logits"],
+                               atol=1e-4)
+    ids = ref["inputs"]["input_ids"]
+    embeds = runner.embeddings(ids, runner.encode_image(ref["inputs"]))
+    image = ids[0] == vlm.config.image_token_id
+    assert embeds[0, image, -1].all() and not embeds[0, ~image, -1].any()
+    embeds[..., -1] = 0
+    positions, _ = runner.prompt_positions(ids, ref["inputs"])
+    causal = runner.decoder.cache(ids.shape[1]).run(embeds, positions)
+    with torch.no_grad():
         batch = {k: torch.from_numpy(v) for k, v in ref["inputs"].items() if k != "token_type_ids"}
-        causal = vlm.model(**batch).logits[0, -1].numpy()
-    assert np.abs(causal - ref["logits"]).max() > 1e-2
+        torch_causal = vlm.model(**batch).logits[0, -1].numpy()
+    assert np.abs(torch_causal - ref["logits"]).max() > 1e-2  # clearly different
+    np.testing.assert_allclose(causal, torch_causal, atol=1e-4)
 
 
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):

@@ -237,8 +237,8 @@ def _io_spec(vlm, graphs: Path, vision_io: dict, embed_io: dict, arch: str) -> d
         "vocab_size": int(text.vocab_size),
         "position_ids": ("mrope-3d" if "position_ids" in inputs and vlm.adapter.family.startswith("qwen")
                          else "1d" if "position_ids" in inputs else "from attention_mask"),
-        "attention": ("host biases (full_attention_bias, sliding_attention_bias): causal, "
-                      "bidirectional within each image, sliding window"
-                      if "full_attention_bias" in inputs else "attention_mask (causal)"),
+        "attention": ("built in the graph: causal, bidirectional within each run of image "
+                      "tokens (marked by the last inputs_embeds channel), sliding window"
+                      if "attention_mask" not in inputs else "attention_mask (causal)"),
         "image_token_id": (vlm.adapter.image_token_ids(vlm.config) or [None])[0],
     }

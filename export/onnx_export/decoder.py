@@ -78,7 +78,27 @@ def build_decoder(text_dir: Path, out_dir: Path, cache_dir: Path, quant: str = "
     finally:
         logging.disable(previous)
         transformers.logging.set_verbosity(verbosity)
+    _fix_kv_dims(Path(out_dir) / "model.onnx", Path(text_dir) / "config.json")
     return BuiltDecoder(folder=Path(out_dir), precision=precision)
+
+
+def _fix_kv_dims(model_path: Path, config_path: Path) -> None:
+    """The builder names the KV head size `kv_cache_dim`; transformers.js makes its empty
+    first-step cache from the declared shape (every named dim but batch_size -> 0), so the size
+    must be a number there."""
+    import json
+
+    import onnx
+
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config", config)
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    model = onnx.load(str(model_path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "kv_cache_dim":
+                dim.dim_value = head_dim
+    onnx.save(model, str(model_path))
 
 
 def _patch_config(config) -> None:

@@ -33,7 +33,51 @@ def copy_model_files(model_dir: Path, dest: Path, vlm) -> list[Path]:
         if image_processor is not None:
             image_processor.to_json_file(str(dest / "preprocessor_config.json"))
             written.append(dest / "preprocessor_config.json")
+    write_client_settings(dest, vlm)
     return written
+
+
+def write_client_settings(dest: Path, vlm) -> None:
+    """What transformers.js 4 reads beyond a transformers-5 save: `AutoProcessor` picks the
+    processor from `processor_class` in preprocessor_config.json, and the tokenizer's chat
+    template from tokenizer_config.json (a transformers-5 save keeps it in chat_template.jinja
+    only); its Qwen2-VL reads the text settings at the top of config.json (the hub's flat form)."""
+    _update_json(dest / "preprocessor_config.json",
+                 {"processor_class": type(vlm.processor).__name__}, keep=True)
+    processor = dest / "processor_config.json"
+    if processor.exists():
+        settings = json.loads(processor.read_text())
+        if settings.get("vision_feature_select_strategy") == "default":
+            # transformers.js' LlavaProcessor counts patches + num_additional_image_tokens and
+            # ignores the strategy, whose "default" drops the CLS feature: say it in the count.
+            _update_json(processor, {"num_additional_image_tokens":
+                                     int(settings.get("num_additional_image_tokens", 0)) - 1,
+                                     "vision_feature_select_strategy": "full"}, keep=False)
+    template = _chat_template(dest)
+    if template is not None:
+        _update_json(dest / "tokenizer_config.json", {"chat_template": template}, keep=True)
+    config = json.loads((dest / "config.json").read_text())
+    if config.get("model_type") == "qwen2_vl" and "text_config" in config:
+        flat = {k: v for k, v in config["text_config"].items()
+                if k not in ("model_type", "architectures", "dtype")}
+        _update_json(dest / "config.json", flat, keep=False)
+
+
+def _chat_template(folder: Path):
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").exists():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def _update_json(path: Path, values: dict, *, keep: bool) -> None:
+    """Set `values` in a JSON file (`keep`: values already there win)."""
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    data.update({k: v for k, v in values.items() if not (keep and k in data)})
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def place_graph(src: Path, dest: Path) -> list[Path]:

@@ -1,10 +1,11 @@
 """Vision encoder (+ projector) and token-embedding graphs through torch.onnx (dynamo).
 
-Each family gets a small wrapper module with plain tensor inputs. Anything data-dependent
-(dropping padding tiles, Qwen's per-image position ids / cu_seqlens / window index) is done on
-the host by `edgevlm.runtimes.ort_generate.vision_inputs`, so one graph serves any image size
-and several images. Output: `image_features` (num_image_tokens, hidden), in the order the
-image tokens appear in `input_ids`.
+Each family's graph takes the inputs transformers.js 4 feeds its vision encoder, straight
+from the processor (edgevlm's runner feeds the same): SmolVLM the rank-5 tiles and a bool
+`pixel_attention_mask` (padding tiles dropped in the graph), Qwen the patches and the grid
+(positions, attention blocks and windows computed in the graph, `qwen_vision`), LLaVA and
+Gemma 3 `pixel_values`. Output: `image_features` (num_image_tokens, hidden), in the order the
+image tokens appear in `input_ids`; Gemma 3 adds the image-flag channel (`torch_decoder`).
 """
 
 from __future__ import annotations
@@ -27,18 +28,38 @@ def _torch():
 
 
 class EmbedTokens(_torch().nn.Module):
-    """input_ids (B, S) -> inputs_embeds (B, S, H); Gemma3's sqrt(H) scaling is in the module."""
+    """input_ids (B, S) -> inputs_embeds (B, S, H); Gemma3's sqrt(H) scaling is in the module.
+    `flag`: a last channel of zeros (text) for the decoder's image-flag contract."""
 
-    def __init__(self, embed):
+    def __init__(self, embed, flag: bool = False):
         super().__init__()
         self.embed = embed
+        self.flag = flag
 
     def forward(self, input_ids):
-        return self.embed(input_ids)
+        embeds = self.embed(input_ids)
+        return _with_flag(embeds, 0.0) if self.flag else embeds
+
+
+class Flagged(_torch().nn.Module):
+    """A vision encoder whose features get a last channel of ones (image rows)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values):
+        return _with_flag(self.encoder(pixel_values), 1.0)
+
+
+def _with_flag(x, value: float):
+    return _torch().nn.functional.pad(x, (0, 1), value=value)
 
 
 class SmolVLMVision(_torch().nn.Module):
-    """Tiles (N, 3, H, W) + pixel_attention_mask (N, H, W) -> (N * tokens_per_tile, hidden)."""
+    """Tiles (B, N, 3, H, W) + bool pixel_attention_mask (B, N, H, W) -> (tiles * tokens_per_tile,
+    hidden). All-zero tiles (padding to the batch's largest image) are dropped, as the model
+    does (all of them zero: the first is kept)."""
 
     def __init__(self, model):
         super().__init__()
@@ -48,8 +69,15 @@ class SmolVLMVision(_torch().nn.Module):
         self.patch = int(model.config.vision_config.patch_size)
 
     def forward(self, pixel_values, pixel_attention_mask):
-        n, _, h, w = pixel_values.shape
-        p = self.patch
+        torch = _torch()
+        c, h, w = pixel_values.shape[-3:]
+        pixel_values = pixel_values.reshape(-1, c, h, w)
+        real = (pixel_values != 0).flatten(1).any(1)
+        first = torch.arange(real.shape[0], device=real.device) == 0
+        keep = torch.nonzero(real | (first & ~real.any())).squeeze(1)
+        pixel_values = pixel_values[keep]
+        pixel_attention_mask = pixel_attention_mask.reshape(-1, h, w)[keep]
+        n, p = pixel_values.shape[0], self.patch
         mask = pixel_attention_mask.to(pixel_values.dtype).reshape(n, h // p, p, w // p, p)
         patch_mask = mask.sum(dim=(2, 4)) > 0
         hidden = self.vision(pixel_values=pixel_values, patch_attention_mask=patch_mask).last_hidden_state
@@ -100,10 +128,12 @@ def vision_wrapper(vlm):
     batch = torch.export.Dim("num_images", min=1, max=256)
     if family == "smolvlm":
         size = int(vcfg.image_size)
-        pv = torch.randn(2, 3, size, size)
-        mask = torch.ones(2, size, size, dtype=torch.int64)
+        pv = torch.randn(2, 2, 3, size, size)
+        pv[1, 1] = 0  # a padding tile
+        mask = torch.ones(2, 2, size, size, dtype=torch.bool)
+        tiles = torch.export.Dim("num_tiles", min=1, max=256)
         return (SmolVLMVision(model), ["pixel_values", "pixel_attention_mask"], (pv, mask),
-                ({0: batch}, {0: batch}))
+                ({0: batch, 1: tiles}, {0: batch, 1: tiles}))
     if family in ("llava", "gemma3"):
         size = int(vcfg.image_size)
         wrapper = LlavaVision(model) if family == "llava" else Gemma3Vision(model)
@@ -117,7 +147,11 @@ def vision_wrapper(vlm):
 
 def export_vision(vlm, path: Path) -> dict:
     """Export the vision encoder + projector; returns its I/O description."""
+    from edgevlm.export.onnx_export.torch_decoder import IMAGE_FLAG_FAMILIES
+
     wrapper, names, example, dynamic = vision_wrapper(vlm)
+    if vlm.adapter.family in IMAGE_FLAG_FAMILIES:
+        wrapper = Flagged(wrapper)
     _export(wrapper.eval(), example, path, names, ["image_features"], dynamic)
     return {"inputs": names, "outputs": ["image_features"]}
 
@@ -125,7 +159,10 @@ def export_vision(vlm, path: Path) -> dict:
 def export_embed_tokens(vlm, path: Path) -> dict:
     """Export the token embedding table as input_ids -> inputs_embeds."""
     torch = _torch()
-    wrapper = EmbedTokens(vlm.adapter.embed_tokens(vlm.model)).eval()
+    from edgevlm.export.onnx_export.torch_decoder import IMAGE_FLAG_FAMILIES
+
+    wrapper = EmbedTokens(vlm.adapter.embed_tokens(vlm.model),
+                          flag=vlm.adapter.family in IMAGE_FLAG_FAMILIES).eval()
     b, s = torch.export.Dim("batch_size", min=1, max=64), torch.export.Dim("sequence_length", min=1, max=1 << 20)
     _export(wrapper, (torch.ones(1, 4, dtype=torch.int64),), path, ["input_ids"], ["inputs_embeds"],
             ({0: b, 1: s},))
