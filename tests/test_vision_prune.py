@@ -119,3 +119,43 @@ def test_vision_bi_excludes_padding_patches():
     hidden = torch.zeros(2, 4, 8)
     patch_mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
     assert torch.equal(_token_mask(vlm, hidden, patch_mask), patch_mask)
+
+
+# ------------------------------------------------------------------------------ exports
+def _vision_pruned_dir(family: str, dest):
+    vlm = _copy(load_tiny(family))
+    prune_vision_(vlm, _drop_one(vlm))
+    return save_pruned(vlm, dest), num_vision_layers(vlm.config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "smolvlm", "gemma3"])
+def test_vision_pruned_gguf_exports_and_verifies(family, calib, tmp_path):
+    """LLaVA is left out: this llama.cpp build computes wrong CLIP-LLaVA image features even
+    unpruned (tests/test_gguf_export.py)."""
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    from edgevlm.export.gguf_export import export_gguf
+
+    folder, depth = _vision_pruned_dir(family, tmp_path / "pruned")
+    art = export_gguf(folder, tmp_path / "out", quant="f32", mmproj_type="f32", progress=False,
+                      samples=calib.heldout[:1], name="v")
+    assert art.parity["passed"]
+    mmproj = next(f for f in art.files if f.role == "mmproj")
+    reader = GGUFReader(str(tmp_path / "out" / mmproj.path))
+    assert int(reader.fields["clip.vision.block_count"].parts[-1][0]) == depth
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "llava"])
+def test_vision_pruned_onnx_exports_and_verifies(family, calib, tmp_path):
+    from edgevlm.export.onnx_export import export_onnx
+
+    folder, depth = _vision_pruned_dir(family, tmp_path / "pruned")
+    art = export_onnx(folder, tmp_path / "out", samples=calib.heldout[:1], gen_tokens=8,
+                      progress=False)
+    assert art.parity["image_features_max_abs_diff"] < 1e-4
+    assert art.parity["greedy_tokens_equal"]
+    config = json.loads((tmp_path / "out/onnx/config.json").read_text())
+    assert config["vision_config"]["num_hidden_layers" if family == "llava" else "depth"] == depth
