@@ -71,27 +71,31 @@ def train(family: str, config, work_dir: Path, out: Path, *, resume: bool = Fals
     record = {"family": family, "train": vars(config) | {"seconds": round(seconds, 1)},
               "final_loss": sum(losses[-50:]) / len(losses[-50:]), "losses_every_10": losses[::10],
               "test_accuracy": accuracy, "parameters": sum(p.numel() for p in vlm.model.parameters()),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "machine": f"{platform.machine()}, torch threads: {torch.get_num_threads()}",
               "torch": torch.__version__}
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    (tmp / "README.md").write_text(model_card(vlm, record))
+    (tmp / "README.md").write_text(model_card(vlm.model.config, record))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return record
 
 
-def model_card(vlm, record: dict) -> str:
-    cfg = vlm.model.config
-    text, vision = cfg.get_text_config(), cfg.vision_config
+def model_card(config, record: dict) -> str:
+    """The folder's README.md, from the model config and training.json's record."""
+    from edgevlm.tasks import CHANCE
+
+    text, vision = config.get_text_config(), config.vision_config
     depth = getattr(vision, "depth", None) or vision.num_hidden_layers
     width = getattr(vision, "embed_dim", None) or vision.hidden_size
     acc = record["test_accuracy"]
-    rows = "\n".join(f"| {task} | {value:.3f} |" for task, value in acc["per_task"].items())
+    rows = "\n".join(f"| {task} | {value:.3f} | {CHANCE[task]:.3f} |"
+                     for task, value in acc["per_task"].items())
+    unlearned = [t for t, v in acc["per_task"].items() if v < 2 * CHANCE[t]]
     t = record["train"]
     return f"""# trained:{record['family']}
 
-A reference model for judging pruning by task accuracy: the {type(vlm.model).__name__}
+A reference model for judging pruning by task accuracy: the {config.architectures[0]}
 architecture scaled down, trained from scratch on edgevlm's procedural task set
 (`edgevlm.tasks`, train split). Not a general model: it knows only these tasks.
 
@@ -104,10 +108,12 @@ architecture scaled down, trained from scratch on edgevlm's procedural task set
 
 Test split, {acc['n']} items, greedy answers, exact match:
 
-| task | accuracy |
-|---|---|
+| task | accuracy | chance |
+|---|---|---|
 {rows}
-| **average** | **{acc['average']:.3f}** |
+| **average** | **{acc['average']:.3f}** | |
+
+{"Not learned in this budget (under twice chance): " + ", ".join(unlearned) + "." if unlearned else ""}
 """
 
 
