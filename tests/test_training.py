@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from edgevlm.prompting import encode, model_inputs
 from edgevlm.tasks import task_sample
 from edgevlm.training import CHECKPOINT, TrainConfig, answer_loss, fit, lr_factor
-from conftest import load_tiny
 
 
 def test_answer_loss_by_hand():
