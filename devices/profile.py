@@ -76,6 +76,8 @@ class InstallHints:
 class DeviceProfile:
     """Everything the runners and the benchmark need to know about one kind of device.
 
+    ``memory_bandwidth_gbs`` and ``peak_gflops`` (FP32, of the processor the runtime uses)
+    are the roofline `edgevlm bench` measures decode and prefill against.
     ``threads`` 0 means "physical cores of the host at run time" (see resolve_threads);
     ``gpu_layers`` is llama.cpp's n_gpu_layers (-1 = all, 0 = CPU only);
     ``memory_source`` says how peak memory is read ('rss' or 'tegrastats', the latter for
@@ -91,6 +93,7 @@ class DeviceProfile:
     gpu_layers: int
     memory_budget_mb: int
     memory_bandwidth_gbs: float
+    peak_gflops: float
     memory_source: str
     power_source: str
     match: MatchRules
@@ -257,6 +260,8 @@ def _check_values(p: DeviceProfile) -> None:
         raise bad("memory_budget_mb", p.memory_budget_mb, "a positive number of MB")
     if p.memory_bandwidth_gbs <= 0:
         raise bad("memory_bandwidth_gbs", p.memory_bandwidth_gbs, "a positive GB/s figure")
+    if p.peak_gflops <= 0:
+        raise bad("peak_gflops", p.peak_gflops, "a positive GFLOP/s figure")
     for role in GRAPHS:
         names = getattr(p.providers, role)
         # Catches 'CUDA' or 'TensorRT' written instead of onnxruntime's provider names.

@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _out_options(p)
 
-    sub.add_parser("devices", help="list device profiles and mark the detected one")
+    p = sub.add_parser("devices", help="list device profiles and mark the detected one")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure this host's memory bandwidth and peak FP32 GFLOP/s")
 
     p = sub.add_parser("run", help="answer a prompt about an image with an export (streams)")
     p.add_argument("export", help="export folder or its manifest.json")

@@ -17,6 +17,15 @@ def cmd_devices(args) -> int:
         mark = "*" if name == detected else " "
         print(f"{mark} {name:18s} {profile.description}")
     print("(* = detected on this machine)")
+    if getattr(args, "measure", False):
+        from edgevlm.devices.hostbench import measure_host
+
+        measured = measure_host()
+        profile = builtin_profiles()[detected]
+        print(f"measured here: memory_bandwidth_gbs = {measured['memory_bandwidth_gbs']} "
+              f"(profile {profile.memory_bandwidth_gbs:g}), peak_gflops = "
+              f"{measured['peak_gflops']} (profile {profile.peak_gflops:g})")
+        print("(put them in a copy of the profile and pass it to bench: --device my.toml)")
     return 0
 
 
@@ -52,7 +61,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from edgevlm.runtimes.bench import BenchConfig, bench, format_table
+    from edgevlm.runtimes.bench import BenchConfig, bench, bench_many, format_table, ratios
 
     if args.runs < 1 or args.warmup < 0 or args.gen_tokens < 2:
         raise UsageError("--runs must be >= 1, --warmup >= 0 and --gen-tokens >= 2",
@@ -60,15 +69,17 @@ def cmd_bench(args) -> int:
     profile, facts = _profile(args.device)
     config = BenchConfig(runs=args.runs, warmup=args.warmup, gen_tokens=args.gen_tokens,
                          threads=args.threads, runtime=args.runtime)
-    results = []
-    for export in args.exports:
-        info(f"benchmarking {export} on {profile.name}")
-        results.append(bench(export, config, profile=profile, facts=facts))
+    info(f"benchmarking {', '.join(map(str, args.exports))} on {profile.name}")
+    if len(args.exports) == 1:
+        results = [bench(args.exports[0], config, profile=profile, facts=facts)]
+    else:  # one process per export, repetitions interleaved
+        results = bench_many(args.exports, config, profile=profile, facts=facts)
     names = [str(e).rstrip("/").removesuffix("/manifest.json") for e in args.exports]
     print(format_table(results, names))
     if args.out:
         payload = results[0].to_dict() if len(results) == 1 else {
-            "results": [r.to_dict() for r in results], "names": names}
+            "results": [r.to_dict() for r in results], "names": names,
+            "ratios": ratios(results)}
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
         info(f"wrote {args.out}")
     if args.plot:

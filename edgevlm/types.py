@@ -185,4 +185,6 @@ class BenchResult(JsonMixin):
     peak_ram_mb: float | None = None  # Jetson unified memory (tegrastats)
     power_w: dict | None = None  # Jetson mean/peak (tegrastats)
     versions: dict = field(default_factory=dict)
+    memory_mb: dict | None = None  # peak RSS per phase: load, image, prefill, decode
+    roofline: dict | None = None  # decode vs bandwidth, prefill/image vs peak compute
     schema_version: int = SCHEMA_VERSION

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgevlm.errors import EdgeVLMError
 from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.measure import phase
 from edgevlm.runtimes.preprocess.prompt import compile_template
 from edgevlm.runtimes.sampling import TextStream, decode_loop
 
@@ -209,16 +210,20 @@ class LlamaCppRunner(Runner):
                 new_n_past = llama_cpp.llama_pos(0)
                 last = i == count - 1
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    phase("image")
+                    self.image_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                     t0 = time.perf_counter()
                     if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
                         raise native_error("mtmd could not encode the image",
                                            "check the mmproj file (export it again)")
                     image_s += time.perf_counter() - t0
+                    phase("prefill")
                     embd = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
                     rc = mtmd.mtmd_helper_decode_image_chunk(
                         self.mtmd_ctx, self.llm.ctx, chunk, embd, n_past, 0, self.llm.n_batch,
                         ctypes.byref(new_n_past), _NO_CALLBACK(), None)
                 else:
+                    phase("prefill")
                     n = ctypes.c_size_t()
                     ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
                     rc = self._decode_text([ptr[j] for j in range(n.value)], n_past, last)
@@ -239,6 +244,7 @@ class LlamaCppRunner(Runner):
             position[0] += 1
             return self._logits()
 
+        phase("decode")
         stream = TextStream(lambda ids: self.llm.detokenize(ids))
         tokens, times, stop = decode_loop(
             self._logits(), step, lambda t: llama_cpp.llama_vocab_is_eog(self.vocab, t), stream,
@@ -246,6 +252,20 @@ class LlamaCppRunner(Runner):
             ignore_eos=ignore_eos, on_text=on_text)
         return Trace(prompt_tokens=prompt_tokens, tokens=tokens, text=stream.text, image_s=image_s,
                      prefill_s=prefill_s, token_times=times, stop=stop)
+
+    def model_facts(self) -> dict:
+        """Shapes and bytes for the roofline (runtimes/roofline.py); llama.cpp's KV is f16."""
+        from edgevlm.runtimes.roofline import (
+            gguf_decode_bytes,
+            read_gguf,
+            text_shape_from_gguf,
+            vision_shape_from_gguf,
+        )
+
+        text, tensors = read_gguf(self.root / self.artifact.file("text_model").path)
+        mmproj, _ = read_gguf(self.root / self.artifact.file("mmproj").path)
+        return {"text": text_shape_from_gguf(text), "vision": vision_shape_from_gguf(mmproj),
+                "decoder_weight_bytes": gguf_decode_bytes(tensors), "kv_bytes_per_value": 2}
 
     def close(self) -> None:
         if self.mtmd_ctx:

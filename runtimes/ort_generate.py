@@ -23,6 +23,10 @@ FAMILY_OF_MODEL_TYPE = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "smo
 SUFFIX = {"none": "", "int8": "_quantized", "q4": "_q4"}
 # transformers.js counts Gemma 3's positions from 1 (rotary: only differences matter).
 POSITION_START = {"gemma3": 1}
+# Tiles per vision-encoder call: peak memory grows with this, not with the image's tiles.
+# Batching tiles buys nothing on a CPU (one 512 px tile is already 1,024 rows per matmul).
+VISION_TILE_CHUNK = 1
+TILE_KEYS = ("pixel_values", "pixel_attention_mask")  # processor outputs indexed by tile
 
 
 @dataclass
@@ -41,13 +45,16 @@ def _ort():
     return ort
 
 
-def session(path: Path, threads: int | None = None, providers=None, config: dict | None = None):
+def session(path: Path, threads: int | None = None, providers=None, config: dict | None = None,
+            arena: bool = True):
     """An InferenceSession with quiet logging, an optional thread count and optional session
     config entries (e.g. {"session.intra_op.allow_spinning": "0"} when several sessions share
-    few cores: idle spinning threads of one slow down the other)."""
+    few cores: idle spinning threads of one slow down the other). `arena=False`: activations
+    are freed after each run instead of staying in onnxruntime's arena at their peak size."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     for key, value in (config or {}).items():
@@ -59,8 +66,10 @@ class OnnxVLM:
     """The three graphs of an export, run together."""
 
     def __init__(self, folder: str | Path, *, quant: str = "none", vision_quant: str = "none",
-                 threads: int | None = None, providers=None, share_buffer: bool | None = None):
+                 threads: int | None = None, providers=None, share_buffer: bool | None = None,
+                 tile_chunk: int | None = VISION_TILE_CHUNK):
         folder = Path(folder)
+        self.tile_chunk = tile_chunk
         self.folder = folder
         self.config = json.loads((folder / "config.json").read_text())
         self.family = FAMILY_OF_MODEL_TYPE.get(self.config.get("model_type"), "")
@@ -71,7 +80,11 @@ class OnnxVLM:
         # The small graphs run right before the decoder: their idle threads must not spin on
         # the cores the decoder needs next.
         quiet = {"session.intra_op.allow_spinning": "0"}
-        self.vision = session(vision, threads, providers, quiet) if vision.exists() else None
+        # The vision encoder runs once per prompt and its activations are the largest of the
+        # three graphs: no arena, so they are returned after the image instead of being held
+        # through prefill and decode.
+        self.vision = (session(vision, threads, providers, quiet, arena=False)
+                       if vision.exists() else None)
         self.embed = session(onnx_dir / "embed_tokens.onnx", threads, providers, quiet)
         self.decoder = Decoder(onnx_dir / f"decoder_model_merged{SUFFIX[quant]}.onnx",
                                kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
@@ -86,6 +99,24 @@ class OnnxVLM:
         feeds = vision_inputs(self.family, self.config, inputs)
         wanted = {i.name for i in self.vision.get_inputs()}
         return self.vision.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]
+
+    def encode_tiles(self, inputs: dict) -> np.ndarray:
+        """`encode_image` over at most `tile_chunk` tiles per call, features concatenated.
+
+        Tiles (SmolVLM's rank-5 pixel_values, axis 1) are encoded independently, so the result
+        is the same, but activations (SigLIP's attention matrices alone are 50 MB per tile at
+        512 px) scale with one chunk instead of the whole image. Other families: one call."""
+        pixels = inputs.get("pixel_values")
+        n = pixels.shape[1] if pixels is not None and np.ndim(pixels) == 5 else 0
+        if not self.tile_chunk or n <= self.tile_chunk:
+            return self.encode_image(inputs)
+        parts = []
+        for start in range(0, n, self.tile_chunk):
+            chunk = {key: (value[:, start:start + self.tile_chunk] if key in TILE_KEYS else value)
+                     for key, value in inputs.items()}
+            if np.any(chunk["pixel_values"]):  # skip chunks made only of batch padding
+                parts.append(self.encode_image(chunk))
+        return np.concatenate(parts) if parts else self.encode_image(inputs)
 
     def embeddings(self, input_ids: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """inputs_embeds with image features written at the image-token positions."""
@@ -105,7 +136,7 @@ class OnnxVLM:
         if input_ids.shape[0] != 1:
             raise ValueError("the reference loop runs one prompt at a time (batch 1)")
         if features is None and "pixel_values" in inputs and self.vision:
-            features = self.encode_image(inputs)
+            features = self.encode_tiles(inputs)
         embeds = self.embeddings(input_ids, features)
         positions, delta = self.prompt_positions(input_ids, inputs)
         cache = self.decoder.cache(max_len=input_ids.shape[1] + max_new_tokens + 1)
@@ -178,6 +209,7 @@ class Decoder:
 
     def __init__(self, path: str | Path, *, kv_heads: int, head_dim: int, threads: int | None = None,
                  providers=None, share_buffer: bool | None = None, config: dict | None = None):
+        self.path = Path(path)
         self.session = session(path, threads, providers, config)
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
@@ -200,21 +232,36 @@ class Decoder:
 
 
 class KVCache:
-    """Per-layer KV buffers of the final length, bound as both past and present."""
+    """Per-layer KV buffers of the final length, bound as both past and present.
+
+    A decode step is ~10 ms on a small model, so what the host does around `run` shows: the
+    KV buffers are bound once (a binding keeps its value until rebound by name), the
+    attention mask is a view of one preallocated row, and a one-token step writes its logits
+    into one preallocated buffer, so no outputs are fetched and nothing is allocated per
+    token."""
 
     def __init__(self, decoder: Decoder, max_len: int):
         ort = _ort()
         self.decoder = decoder
         self.length = 0
         self.max_len = max_len
+        self.binding = decoder.session.io_binding()
         shape = (1, decoder.kv_heads, max_len, decoder.head_dim)
         if decoder.share_buffer:
             self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
                             for n in decoder.past_names}
+            for past, present in zip(decoder.past_names, decoder.present_names, strict=True):
+                self.binding.bind_ortvalue_input(past, self.buffers[past])
+                self.binding.bind_ortvalue_output(present, self.buffers[past])
         else:
             empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
             self.past = {n: empty for n in decoder.past_names}
-        self.binding = decoder.session.io_binding()
+        self.mask = np.ones((1, max_len), dtype=np.int64)
+        vocab = next(o.shape[-1] for o in decoder.session.get_outputs() if o.name == "logits")
+        self.step_logits = (np.empty((1, 1, vocab), np.float32)
+                            if decoder.share_buffer and isinstance(vocab, int) else None)
+        if self.step_logits is not None:
+            self.step_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
 
     def run(self, embeds: np.ndarray, positions) -> np.ndarray:
         """One decoder call (prefill or a decode step); returns logits (vocab,) at the end."""
@@ -223,30 +270,29 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} tokens; "
                              f"{self.length + embeds.shape[1]} requested")
         total = self.length + embeds.shape[1]
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
         if dec.has_attention_mask:
-            b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+            b.bind_cpu_input("attention_mask", self.mask[:, :total])
         if positions is not None:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        if dec.share_buffer:
-            for past, present in zip(dec.past_names, dec.present_names, strict=True):
-                b.bind_ortvalue_input(past, self.buffers[past])
-                b.bind_ortvalue_output(present, self.buffers[past])
-        else:
+        if not dec.share_buffer:
             for past, present in zip(dec.past_names, dec.present_names, strict=True):
                 b.bind_cpu_input(past, self.past[past])
                 b.bind_output(present)
-        b.bind_output("logits")
+        one_token = embeds.shape[1] == 1 and self.step_logits is not None
+        if one_token:
+            b.bind_ortvalue_output("logits", self.step_value)
+        else:
+            b.bind_output("logits")
         dec.session.run_with_iobinding(b)
-        # get_outputs() follows binding order: presents first, logits last.
-        outputs = dict(zip([*dec.present_names, "logits"], b.get_outputs(), strict=True))
-        if not dec.share_buffer:
-            self.past = {past: outputs[present].numpy()
-                         for past, present in zip(dec.past_names, dec.present_names, strict=True)}
         self.length = total
-        logits = outputs["logits"].numpy()
+        if one_token:
+            return self.step_logits[0, -1].copy()  # the buffer is overwritten next step
+        outputs = b.get_outputs()
+        if not dec.share_buffer:
+            # get_outputs() follows binding order: presents first, logits last.
+            self.past = {past: value.numpy() for past, value in zip(dec.past_names, outputs, strict=False)}
+        logits = outputs[-1].numpy()
         return logits.reshape(-1, logits.shape[-1])[-1]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.measure import phase
 from edgevlm.runtimes.sampling import decode_loop
 
 
@@ -41,11 +42,15 @@ class OrtRunner(Runner):
                  ignore_eos=False, on_text=None) -> Trace:
         start = time.perf_counter()
         inputs = self.pre(image, prompt)
+        phase("image")
         t0 = time.perf_counter()
-        features = self.vlm.encode_image(inputs) if self.vlm.vision else None
+        features = self.vlm.encode_tiles(inputs) if self.vlm.vision else None
         t1 = time.perf_counter()
+        self.image_tokens = len(features) if features is not None else 0
+        phase("prefill")
         state, logits = self.vlm.prefill(inputs, max_tokens, features)
         prefill_s = time.perf_counter() - t1
+        phase("decode")
         eos = set(self.pre.eos_token_ids)
         tokens, times, stop = decode_loop(
             logits, lambda token: self.vlm.step(state, token), eos.__contains__,
@@ -54,6 +59,19 @@ class OrtRunner(Runner):
         return Trace(prompt_tokens=int(inputs["input_ids"].shape[1]), tokens=tokens,
                      text=self.pre.decode(tokens), image_s=t1 - t0, prefill_s=prefill_s,
                      token_times=times, stop=stop)
+
+
+    def model_facts(self) -> dict:
+        """Shapes and bytes for the roofline (runtimes/roofline.py): the decoder graph's file
+        is what a decode step reads (embeddings are a separate, looked-up graph); KV is fp32."""
+        from edgevlm.runtimes.roofline import text_shape_from_config, vision_shape_from_config
+
+        path = self.vlm.decoder.path
+        data = path.with_name(path.name + ".data")
+        weights = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        return {"text": text_shape_from_config(self.vlm.config),
+                "vision": vision_shape_from_config(self.vlm.config),
+                "decoder_weight_bytes": weights, "kv_bytes_per_value": 4}
 
 
 def _available(providers):
