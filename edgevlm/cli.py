@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from edgevlm import __version__, vision_cli
+from edgevlm import __version__, budget_cli, vision_cli
 from edgevlm.errors import EdgeVLMError
 from edgevlm.loader import DEFAULT_MODEL
 from edgevlm.ui import set_quiet
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    budget_cli.add_inspect_options(p)
 
     p = sub.add_parser("score", help="score every decoder layer (writes scores.json)")
     p.add_argument("model")
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmproj-type", default="f16", help="gguf mmproj type: f16 or q8_0")
     p.add_argument("--vision-quant", default="none", help="onnx vision encoder: none or int8")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not advised)")
+    budget_cli.add_option(p, export=True)
     _layer_options(p)
     p.add_argument("--recover", default=None, metavar="RECIPE",
                    help="heal the pruned model before exporting (see `edgevlm heal`)")
@@ -200,6 +202,7 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                    help="device profile: auto (detect) or a name from `edgevlm devices`")
     p.add_argument("--runtime", default=None, help="onnxruntime or llama.cpp (default: by target)")
     p.add_argument("--threads", type=int, default=None, help="default: the profile's")
+    budget_cli.add_option(p)
 
 
 # -------------------------------------------------------------------------------- commands

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from edgevlm import vision_cli
+from edgevlm import budget_cli, vision_cli
 from edgevlm.errors import UsageError
 from edgevlm.ui import info, native_stdout_silenced
 
@@ -68,8 +68,13 @@ def cmd_list(args) -> int:
 def cmd_inspect(args) -> int:
     from edgevlm.summary import describe, format_summary
 
+    budget_cli.early_check(args)
     summary = describe(args.model, seed=args.seed)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    cost = budget_cli.inspect_cost(args, summary["path"])
+    if cost:
+        summary["image_cost"] = cost
+    print(json.dumps(summary, indent=2) if args.json else "\n".join(
+        [format_summary(summary), *(budget_cli.format_cost(cost) if cost else [])]))
     return 0
 
 
@@ -160,6 +165,7 @@ def _early_checks(args) -> None:
     if args.ratio is not None or args.n_layers is not None:
         layers_to_drop(10**6, args.ratio, args.n_layers)  # range checks only
     vision_cli.early_checks(args)
+    budget_cli.early_check(args)
     _check_width_and_recovery(args)
     check_writable(Path(args.out), args.force)
 
@@ -285,6 +291,7 @@ def cmd_export(args) -> int:
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
     target.check(quant, vlm.config, **options)
+    budget_cli.check_model(args, vlm.path)
     samples = calib.heldout or calib.scoring
     with staged_dir(args.out, args.force) as tmp:
         plan = None
@@ -305,11 +312,14 @@ def cmd_export(args) -> int:
                 target.name, model_dir, tmp, quant=quant, plan=plan_record,
                 base_model=args.model, verify=not args.no_verify, samples=samples,
                 progress=not args.quiet, **extra)
+        budget = budget_cli.apply_to_export(args, tmp, artifact)
     print(f"exported {args.model} -> {args.out} ({target.name}, {quant})")
     for f in artifact.files:
         print(f"  {f.role:16s} {f.path}  {f.bytes / 1e6:.2f} MB")
     if artifact.parity:
         print("  verified against PyTorch: " + _parity_summary(artifact.parity))
+    if budget:
+        print(budget_cli.describe_budget(budget))
     fallback = artifact.quantization.get("fallback_tensors") or []
     if fallback:
         kinds = Counter(f["type"] for f in fallback)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgevlm import budget_cli
 from edgevlm.errors import UsageError
 from edgevlm.ui import info
 
@@ -44,10 +45,11 @@ def cmd_run(args) -> int:
 
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens {args.max_tokens} must be at least 1", "e.g. --max-tokens 64")
+    budget_cli.early_check(args)
     profile, _ = _profile(args.device)
     image = bench_image() if args.image == "builtin" else open_rgb(Path(args.image))
     runner, artifact, _ = make_runner(args.export, profile, runtime=args.runtime,
-                                      threads=args.threads)
+                                      threads=args.threads, max_image_tokens=args.max_image_tokens)
     runner.load()
     trace = runner.generate(image, args.prompt, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -66,9 +68,11 @@ def cmd_bench(args) -> int:
     if args.runs < 1 or args.warmup < 0 or args.gen_tokens < 2:
         raise UsageError("--runs must be >= 1, --warmup >= 0 and --gen-tokens >= 2",
                          "e.g. --runs 5 --warmup 1 --gen-tokens 128")
+    budget_cli.early_check(args)
     profile, facts = _profile(args.device)
     config = BenchConfig(runs=args.runs, warmup=args.warmup, gen_tokens=args.gen_tokens,
-                         threads=args.threads, runtime=args.runtime)
+                         threads=args.threads, runtime=args.runtime,
+                         max_image_tokens=args.max_image_tokens)
     info(f"benchmarking {', '.join(map(str, args.exports))} on {profile.name}")
     if len(args.exports) == 1:
         results = [bench(args.exports[0], config, profile=profile, facts=facts)]

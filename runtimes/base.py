@@ -47,9 +47,16 @@ class Runner:
     package = ""  # import name of the runtime library
     pip_name = ""
 
-    def __init__(self, root: Path, artifact, profile=None, threads: int | None = None):
+    def __init__(self, root: Path, artifact, profile=None, threads: int | None = None,
+                 max_image_tokens: int | None = None):
+        """`max_image_tokens`: at most this many image tokens per image (runtimes/image_budget.py);
+        default: the budget the export was made with, if any."""
         self.root, self.artifact, self.profile = Path(root), artifact, profile
         self.threads = threads or (profile.resolve_threads() if profile else None)
+        from edgevlm.runtimes.image_budget import check_value, export_budget
+
+        check_value(max_image_tokens)
+        self.max_image_tokens = max_image_tokens or export_budget(artifact)
 
     def load(self) -> None:
         raise NotImplementedError

@@ -29,6 +29,7 @@ class BenchConfig:
     runtime: str | None = None  # default: the export target's runner
     prompt: str = BENCH_PROMPT
     image_size: tuple[int, int] = (640, 480)
+    max_image_tokens: int | None = None  # image budget (runtimes/image_budget.py)
 
 
 def bench_image(size=(640, 480)):
@@ -47,11 +48,12 @@ def bench_image(size=(640, 480)):
     return image
 
 
-def make_runner(target, profile=None, *, runtime: str | None = None, threads: int | None = None):
+def make_runner(target, profile=None, *, runtime: str | None = None, threads: int | None = None,
+                max_image_tokens: int | None = None):
     """(runner, artifact, root) for an export folder or manifest, hashes checked."""
     klass = make_runner_class(target, profile, runtime)
     artifact, root = open_export(target, check_hashes=False)  # make_runner_class checked them
-    return klass(root, artifact, profile, threads), artifact, root
+    return klass(root, artifact, profile, threads, max_image_tokens), artifact, root
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -93,7 +95,8 @@ class Session:
         with PhaseMemory() as memory:
             phase("load")
             self.runner, self.artifact, self.root = make_runner(
-                target, profile, runtime=config.runtime, threads=config.threads)
+                target, profile, runtime=config.runtime, threads=config.threads,
+                max_image_tokens=config.max_image_tokens)
             start = time.perf_counter()
             self.runner.load()
             self.load_s = time.perf_counter() - start
@@ -169,7 +172,8 @@ def result_of(header: dict, warmup: list[dict], runs: list[dict], config: BenchC
         runtime=header["runtime"],
         config={"runs": config.runs, "warmup": config.warmup, "gen_tokens": config.gen_tokens,
                 "threads": header["threads"], "prompt": config.prompt,
-                "image_size": list(config.image_size)},
+                "image_size": list(config.image_size),
+                "max_image_tokens": config.max_image_tokens},
         load_s=header["load_s"],
         runs=runs,
         summary=_summary(runs),

@@ -120,3 +120,102 @@ def write_budget(folder: str | Path, max_tokens: int) -> dict:
         data.update(settings)
         flat.write_text(json.dumps(data, indent=2) + "\n")
     return settings
+
+
+# ------------------------------------------------------------------ the product's entry points
+
+
+def check_value(max_tokens: int | None) -> None:
+    """Refuse a budget that no family can meet (0, negative) before anything loads."""
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-image-tokens {max_tokens} must be at least 1",
+                         "give a positive token count, e.g. --max-image-tokens 256")
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or not int(width) or not int(height):
+        raise UsageError(f"--image-size '{text}' is not WIDTHxHEIGHT", "e.g. --image-size 640x480")
+    return int(width), int(height)
+
+
+def export_budget(artifact) -> int | None:
+    """The budget an export was made with (manifest extra.image_budget), None if none."""
+    return ((artifact.extra or {}).get("image_budget") or {}).get("max_image_tokens")
+
+
+def record_in_export(out: str | Path, artifact, max_tokens: int) -> dict:
+    """`edgevlm export --max-image-tokens N`: write the budget into an ONNX export's processor
+    config (transformers.js, transformers and the onnxruntime runner read it there), record it
+    in the manifest (the llama.cpp runner reads it there: a GGUF has no processor config) and
+    re-save out/manifest.json."""
+    out = Path(out)
+    record: dict = {"max_image_tokens": int(max_tokens)}
+    if artifact.target == "onnx":
+        record["processor_settings"] = write_budget(out / "onnx", max_tokens)
+        record["written_to"] = [p for p in ("onnx/processor_config.json",
+                                            "onnx/preprocessor_config.json")
+                                if (out / p).is_file()]
+        from .artifact import _sha256
+
+        for entry in artifact.files:  # the manifest's hashes follow the rewritten files
+            if entry.path in record["written_to"]:
+                entry.sha256 = _sha256(out / entry.path)
+                entry.bytes = (out / entry.path).stat().st_size
+    else:
+        record["llama_cpp_image_max_tokens"] = llamacpp_image_max_tokens(artifact, max_tokens)
+    artifact.extra = dict(artifact.extra or {}, image_budget=record)
+    artifact.save(out / "manifest.json")
+    return record
+
+
+def llamacpp_image_max_tokens(artifact, max_tokens: int | None) -> int:
+    """mtmd's `image_max_tokens` (0 = the model's default) for a budget of `max_tokens` image
+    tokens on a GGUF export.
+
+    mtmd turns image_max_tokens into a pixel cap (tokens x patch area) on the image it tiles:
+    - Qwen2-VL / 2.5-VL: the same max_pixels = N * 28^2 as the Hugging Face processor, so the
+      count matches the onnxruntime runner's;
+    - SmolVLM: the cap covers the tile grid only, and mtmd always keeps at least one tile plus
+      the global image (it has no "splitting off"): the grid gets N - one tile, and a budget
+      under two tiles is refused;
+    - Gemma 3 / LLaVA: a fixed count per image (mtmd does no pan-and-scan); nothing to set,
+      the runner checks the count against the budget.
+    """
+    if max_tokens is None:
+        return 0
+    check_value(max_tokens)
+    family = artifact.family
+    if family == "smolvlm":
+        per_tile = int(((artifact.io or {}).get("image") or {}).get("image_tokens_per_tile") or 0)
+        if per_tile:
+            if max_tokens < 2 * per_tile:
+                raise UsageError(
+                    f"--max-image-tokens {max_tokens} is below the {2 * per_tile} tokens of one "
+                    f"tile plus the global image, llama.cpp's smallest SmolVLM image",
+                    f"use --max-image-tokens {2 * per_tile} or more (or the onnx target, "
+                    f"whose one-tile minimum is {per_tile})")
+            return max_tokens - per_tile
+        return max_tokens
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        if max_tokens < LLAMACPP_QWEN_MIN_TOKENS:
+            raise UsageError(
+                f"--max-image-tokens {max_tokens} is below llama.cpp's Qwen-VL minimum of "
+                f"{LLAMACPP_QWEN_MIN_TOKENS} image tokens",
+                f"use --max-image-tokens {LLAMACPP_QWEN_MIN_TOKENS} or more")
+        return max_tokens
+    return 0
+
+
+# mtmd's smallest Qwen-VL image: image_min_pixels 6272 = 8 x 28^2 (it refuses a lower max).
+LLAMACPP_QWEN_MIN_TOKENS = 8
+
+
+def check_llamacpp_count(family: str, image_tokens: int, max_tokens: int | None) -> None:
+    """After mtmd tokenized the prompt: refuse an image that costs more than the budget."""
+    if max_tokens is not None and image_tokens > max_tokens:
+        raise UsageError(
+            f"--max-image-tokens {max_tokens} is below the {image_tokens} tokens llama.cpp "
+            f"gives this image ({family}: its smallest)",
+            f"use --max-image-tokens {image_tokens} or more")

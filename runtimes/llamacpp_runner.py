@@ -14,8 +14,9 @@ from collections import deque
 
 import numpy as np
 
-from edgevlm.errors import EdgeVLMError
+from edgevlm.errors import EdgeVLMError, UsageError
 from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.image_budget import check_llamacpp_count, llamacpp_image_max_tokens
 from edgevlm.runtimes.measure import phase
 from edgevlm.runtimes.preprocess.prompt import compile_template
 from edgevlm.runtimes.sampling import TextStream, decode_loop
@@ -111,6 +112,9 @@ class LlamaCppRunner(Runner):
         params.n_threads = threads or 1
         params.print_timings = False
         params.warmup = False
+        # The image budget: mtmd's own pixel cap (runtimes/image_budget.py says what it does
+        # per family); 0 keeps the model's default.
+        params.image_max_tokens = llamacpp_image_max_tokens(self.artifact, self.max_image_tokens)
         self.mtmd_ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
         if not self.mtmd_ctx:
             raise native_error(f"llama.cpp could not load the mmproj {mmproj}",
@@ -161,6 +165,16 @@ class LlamaCppRunner(Runner):
                                    "check the image file and the mmproj")
         finally:
             mtmd.mtmd_bitmap_free(bitmap)
+        image_tokens = sum(
+            mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, i))
+            for i in range(mtmd.mtmd_input_chunks_size(chunks))
+            if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
+            == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+        try:
+            check_llamacpp_count(self.artifact.family, image_tokens, self.max_image_tokens)
+        except UsageError:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise
         return chunks
 
     def _logits(self) -> np.ndarray:

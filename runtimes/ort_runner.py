@@ -27,8 +27,8 @@ class OrtRunner(Runner):
 
     def load(self) -> None:
         self.require(self.profile)
+        from edgevlm.runtimes.image_budget import preprocessor
         from edgevlm.runtimes.ort_generate import OnnxVLM
-        from edgevlm.runtimes.preprocess import load_preprocessor
 
         folder = self.root / "onnx"
         quant = self.artifact.quantization
@@ -36,7 +36,7 @@ class OrtRunner(Runner):
         self.vlm = OnnxVLM(folder, quant=self.decoder_quant or quant.get("decoder", "none"),
                            vision_quant=self.vision_quant or quant.get("vision_encoder", "none"),
                            threads=self.threads, providers=_available(providers))
-        self.pre = load_preprocessor(folder)
+        self.pre = preprocessor(folder, self.max_image_tokens)  # the budget, if any
 
     def generate(self, image, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0,
                  ignore_eos=False, on_text=None) -> Trace:
