@@ -217,5 +217,5 @@ def check_llamacpp_count(family: str, image_tokens: int, max_tokens: int | None)
     if max_tokens is not None and image_tokens > max_tokens:
         raise UsageError(
             f"--max-image-tokens {max_tokens} is below the {image_tokens} tokens llama.cpp "
-            f"gives this image ({family}: its smallest)",
+            f"gives this image ({family})",
             f"use --max-image-tokens {image_tokens} or more")
