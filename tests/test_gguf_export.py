@@ -268,6 +268,33 @@ def test_stock_chat_api_on_verified_exports(f32_export):
     assert isinstance(reply["choices"][0]["message"]["content"], str)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("f32_export", ["smolvlm"], indirect=True)
+def test_context_holds_the_longest_sequence_and_overflow_quotes_llama_log(f32_export):
+    """Verification contexts are sized from what is fed (a full-size SmolVLM image is 1088+
+    tokens, more than the old fixed 1024); a context that is too small fails with llama.cpp's
+    own last log lines in the error, never "see the log"."""
+    from edgevlm.errors import EdgeVLMError
+    from edgevlm.export.gguf_export import llamacpp
+
+    _family, out, art = f32_export
+    path = out / art.file("text_model").path
+    n = 1100
+    llm = llamacpp.open_text(path, n_ctx=llamacpp.context_size(n))
+    decoder = llamacpp.Decoder(llm)
+    decoder.tokens([5] * (n - 16))
+    for _ in range(16):  # the greedy steps after the prompt
+        decoder.tokens([5])
+    assert decoder.n_past == n and np.isfinite(decoder.last_logits()).all()
+    del llm
+    small = llamacpp.open_text(path, n_ctx=llamacpp.context_size(300))
+    decoder = llamacpp.Decoder(small)
+    decoder.tokens([5] * 400)
+    with pytest.raises(EdgeVLMError, match="llama_decode failed") as err:
+        decoder.tokens([5] * 200)
+    assert "last log lines" in err.value.what and "see the log" not in str(err.value)
+
+
 def test_check_gguf_quant_rejects_bad_input():
     from edgevlm.export.gguf_export import GGUF_QUANTS, check_gguf_quant
     from edgevlm.export.gguf_export.source import read_config

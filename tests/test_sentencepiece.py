@@ -4,6 +4,7 @@ tokenizers shipped in edgevlm/tiny/real/ and the SentencePiece ones of the tiny 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,31 @@ def test_real_tokenizers_match_hugging_face_in_llama_cpp(name, tmp_path):
     bad, info = _mismatches(folder, tmp_path)
     assert not bad, bad[:3]
     assert info["model"] == "gpt2"
+
+
+# Real tokenizers that may not be copied into the repo (Llama 2 licence, Qwen Research licence):
+# tested from the project's ../shared/real-models when it is there. Gemma 3's tokenizer files
+# are not available at all.
+SHARED_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
+
+
+@pytest.mark.parametrize("name,model", [("llava-1.5-7b-hf", "llama"),
+                                        ("Qwen2.5-VL-3B-Instruct", "gpt2")])
+def test_shared_real_tokenizers_match_hugging_face_in_llama_cpp(name, model, tmp_path):
+    """LLaVA-1.5's Llama-2 SentencePiece tokenizer.model (read as llama.cpp's converter does)
+    and Qwen2.5-VL's byte-level BPE, from the real files."""
+    from transformers import AutoTokenizer
+
+    folder = SHARED_REAL / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present (real files not in the repo: see real/SOURCES.md)")
+    if not (folder / "tokenizer.json").exists():
+        folder = _saved(AutoTokenizer.from_pretrained(folder), tmp_path)
+    bad, info = _mismatches(folder, tmp_path)
+    assert not bad, bad[:3]
+    assert info["model"] == model
+    if model == "llama":
+        assert "tokenizer.model" in info["notes"][0] and info["space_prefix"] is True
 
 
 @pytest.mark.parametrize("family,space_prefix", [("llava", True), ("gemma3", False)])
