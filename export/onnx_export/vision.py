@@ -80,9 +80,31 @@ class SmolVLMVision(_torch().nn.Module):
         n, p = pixel_values.shape[0], self.patch
         mask = pixel_attention_mask.to(pixel_values.dtype).reshape(n, h // p, p, w // p, p)
         patch_mask = mask.sum(dim=(2, 4)) > 0
-        hidden = self.vision(pixel_values=pixel_values, patch_attention_mask=patch_mask).last_hidden_state
+        with _bucketize_as_comparisons():
+            hidden = self.vision(pixel_values=pixel_values,
+                                 patch_attention_mask=patch_mask).last_hidden_state
         feats = self.connector(hidden)
         return feats.reshape(-1, feats.shape[-1])
+
+
+@contextlib.contextmanager
+def _bucketize_as_comparisons():
+    """Idefics3's patch positions use torch.bucketize, which exports to a GatherND that reads
+    past the boundaries when an image covers a fraction of a patch row (onnxruntime: 'invalid
+    index found'). Counting the boundaries below x is the same bucket and exports as a
+    comparison and a sum."""
+    torch = _torch()
+    original = torch.bucketize
+
+    def counted(x, boundaries, *, right=False, **_):
+        below = boundaries <= x[..., None] if right else boundaries < x[..., None]
+        return below.sum(-1)
+
+    torch.bucketize = counted
+    try:
+        yield
+    finally:
+        torch.bucketize = original
 
 
 class LlavaVision(_torch().nn.Module):
