@@ -20,9 +20,10 @@ def test_removed_blocks_are_maximal_runs():
 
 
 def test_hand_checked_case():
-    """Gap rows mostly along e0, a little along e1: V_1 = ±e0, so (I + V Vᵀ) W doubles
-    W's first row and leaves the others."""
-    gap = torch.tensor([[3.0, 0.0, 0.0], [-2.0, 0.5, 0.0], [4.0, 0.0, 0.0]], dtype=torch.float64)
+    """Gap rows along e0 (energy 9 + 4 + 16 = 29) and e1 (0.25): HᵀH = diag(29, 0.25, 0),
+    V_1 = ±e0, so (I + V Vᵀ) W doubles W's first row and leaves the others."""
+    gap = torch.tensor([[3.0, 0.0, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.5, 0.0], [4.0, 0.0, 0.0]],
+                       dtype=torch.float64)
     directions, share = top_directions(gap.T @ gap, 1)
     assert torch.allclose(directions.abs().squeeze(1), torch.tensor([1.0, 0, 0], dtype=torch.float64))
     assert share == pytest.approx(29 / 29.25)
