@@ -25,13 +25,19 @@ $(JS)/node_modules/.installed: $(JS)/package.json
 
 install: $(BIN)/.installed $(JS)/node_modules/.installed
 
-# The whole chain offline on a tiny random model: score, prune 30%, export to GGUF and ONNX
-# (each verified against PyTorch), answer about an image, and time both exports.
+# The whole chain offline on trained:smolvlm (a SmolVLM-architecture model trained on
+# edgevlm's task set, shipped with the package): export it as it is and pruned by 25%, to
+# GGUF and ONNX (each verified against PyTorch), ask each export about a picture, time them.
+DEMO_ASK = --image examples/red-circle.png --prompt "What colour is the shape?" --max-tokens 8
+DEMO_PRUNE = --method bi --ratio 0.25 --calib tasks:64
 demo: install
-	$(BIN)/edgevlm inspect tiny:smolvlm
-	$(BIN)/edgevlm -q export --model tiny:smolvlm --method bi --ratio 0.3 --target gguf -o out/demo-gguf --force
-	$(BIN)/edgevlm -q export --model tiny:smolvlm --method bi --ratio 0.3 --target onnx --quant q4 -o out/demo-onnx --force
-	$(BIN)/edgevlm run out/demo-onnx --image builtin --prompt "What is in the image?" --max-tokens 24
+	$(BIN)/edgevlm inspect trained:smolvlm
+	$(BIN)/edgevlm -q export --model trained:smolvlm --target gguf -o out/demo-base-gguf --force
+	$(BIN)/edgevlm -q export --model trained:smolvlm --target onnx -o out/demo-base-onnx --force
+	$(BIN)/edgevlm -q export --model trained:smolvlm $(DEMO_PRUNE) --target gguf -o out/demo-gguf --force
+	$(BIN)/edgevlm -q export --model trained:smolvlm $(DEMO_PRUNE) --target onnx --quant q4 -o out/demo-onnx --force
+	@for export in base-gguf base-onnx gguf onnx; do \
+		printf "%-10s answers: " $$export; $(BIN)/edgevlm -q run out/demo-$$export $(DEMO_ASK); done
 	$(BIN)/edgevlm -q bench out/demo-gguf out/demo-onnx --runs 3 --gen-tokens 32 -o out/bench.json
 
 lint: install

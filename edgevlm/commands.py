@@ -232,6 +232,7 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from edgevlm import pipeline
+    from edgevlm.accuracy import task_accuracy
     from edgevlm.fidelity import fidelity, random_baseline
 
     k = None
@@ -241,18 +242,37 @@ def cmd_eval(args) -> int:
             raise UsageError(f"--baseline '{args.baseline}' is not random:K", "e.g. --baseline random:5")
         k = int(count)
     calib = pipeline.calibration(args.calib, args.seed)
-    samples = calib.heldout or calib.scoring
+    samples = calib.heldout  # never the scoring part: that would judge on what chose the plan
+    if not samples:
+        raise UsageError(f"calibration '{args.calib}' has no held-out samples to judge on",
+                         "use at least 2 samples, e.g. --calib tasks:200")
     base = _load(args, args.base)
     pruned = _load(args, args.pruned)
+    with_answers = any(s.answer for s in samples)
     result = {"base": args.base, "pruned": args.pruned, "calibration": calib.description,
               "fidelity": fidelity(base, pruned, samples, batch_size=args.batch_size)}
+    if with_answers:
+        result["accuracy"] = {name: task_accuracy(vlm, samples, show_progress=not args.quiet)
+                              for name, vlm in (("base", base), ("pruned", pruned))}
+    compensation = (getattr(pruned.config, "edgevlm_plan", None) or {}).get("compensation")
+    if compensation:  # the same layers removed without it, for comparison
+        from edgevlm.compensate import uncompensated_twin
+
+        twin = uncompensated_twin(base, pruned.config.edgevlm_plan)
+        result["uncompensated"] = {"fidelity": fidelity(base, twin, samples,
+                                                        batch_size=args.batch_size)}
+        if with_answers:
+            result["uncompensated"]["accuracy"] = task_accuracy(twin, samples,
+                                                                show_progress=not args.quiet)
+        del twin
     n_base, n_pruned = (v.adapter.num_layers(v.config) for v in (base, pruned))
     if k:
         if n_pruned >= n_base:
             raise UsageError("the pruned model has as many layers as the base",
                              "a random baseline needs a pruned model with fewer layers")
         result["random_baseline"] = random_baseline(base, n_base - n_pruned, samples, k,
-                                                    seed=args.seed, batch_size=args.batch_size)
+                                                    seed=args.seed, batch_size=args.batch_size,
+                                                    accuracy=with_answers)
     _print_eval(result, n_base, n_pruned)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -274,6 +294,29 @@ def _print_eval(result, n_base, n_pruned) -> None:
             if key in rb:
                 s = rb[key]
                 print(f"  {key:17s} {s['mean']:.6g} ± {s['std']:.3g} (min {s['min']:.4g}, max {s['max']:.4g})")
+    if "accuracy" in result:
+        _print_accuracy(result["accuracy"], rb)
+    un = result.get("uncompensated")
+    if un:
+        u = un["fidelity"]
+        print(f"without compensation (same layers removed): KL {u['kl']:.6g} (vs {f['kl']:.6g}), "
+              f"top-1 agreement {u['top1_agreement']:.4f} (vs {f['top1_agreement']:.4f})"
+              + (f", accuracy {un['accuracy']['average']:.3f} (vs "
+                 f"{result['accuracy']['pruned']['average']:.3f})" if "accuracy" in un else ""))
+
+
+def _print_accuracy(accuracy: dict, rb: dict | None) -> None:
+    """Exact-match accuracy per task: base, pruned and (if run) the random plans."""
+    base, pruned = accuracy["base"], accuracy["pruned"]
+    random_tasks = (rb or {}).get("accuracy_per_task", {})
+    print(f"accuracy (greedy answers, exact match, {base['n']} items):")
+    print(f"  {'task':10s} {'base':>6s} {'pruned':>7s}" + ("   random" if rb else ""))
+    rows = [(t, base["per_task"][t], pruned["per_task"][t], random_tasks.get(t))
+            for t in base["per_task"]]
+    rows.append(("average", base["average"], pruned["average"], (rb or {}).get("accuracy")))
+    for task, b, p, r in rows:
+        tail = f"   {r['mean']:.3f} ± {r['std']:.3f}" if r else ""
+        print(f"  {task:10s} {b:6.3f} {p:7.3f}{tail}")
 
 
 def cmd_export(args) -> int:
