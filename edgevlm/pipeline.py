@@ -94,6 +94,8 @@ def export_name(model: str, plan: PrunePlan | None) -> str:
     stem = Path(model.replace(":", "-")).name or "model"
     if plan is None:
         return stem
+    if getattr(plan, "axis", None) == "width":  # a WidthPlan: no layers, no vision plan
+        return f"{stem}-width{round(plan.ratio * 100)}"
     if plan.vision:
         from edgevlm.vision_cli import export_suffix
 
