@@ -1,4 +1,4 @@
-"""Subspace-compensated layer removal (Short-LVLM's training-free fix, METHODS.md section 3).
+"""Subspace-compensated layer removal (Short-LVLM's training-free fix, docs/methods.md section 3).
 
 Removing a contiguous block of decoder layers deletes the residual update it added: the gap
 H = X_out(block) - X_in(block), one row per calibration token. Most of that gap lies in a few

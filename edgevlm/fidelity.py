@@ -1,4 +1,4 @@
-"""How close a pruned model stays to its base on held-out samples (METHODS.md section 7)."""
+"""How close a pruned model stays to its base on held-out samples (docs/methods.md section 7)."""
 
 from __future__ import annotations
 

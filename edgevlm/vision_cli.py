@@ -11,7 +11,7 @@ from edgevlm.ui import info
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("vision tower (METHODS.md section 8)")
+    group = p.add_argument_group("vision tower (docs/methods.md section 8)")
     group.add_argument("--vision-method", default=None,
                        help="score vision layers: bi (patch-token BI, default) or kl (end-to-end "
                             "KL when a layer is skipped; one model forward per layer)")

@@ -1,4 +1,4 @@
-"""Vision-tower layer removal (METHODS.md section 8): which encoder layers may go, and
+"""Vision-tower layer removal (docs/methods.md section 8): which encoder layers may go, and
 removing them so that the checkpoint stays standard for every family.
 
 Layer indices are 0-based and refer to the ORIGINAL vision tower. What each family needs

@@ -1,4 +1,4 @@
-"""Uniform width pruning of the decoder (METHODS.md section 5): every layer loses the same
+"""Uniform width pruning of the decoder (docs/methods.md section 5): every layer loses the same
 number of attention head groups and MLP channels, the least important by first-order Taylor
 importance |w * dL/dw| summed over each group's weights (LLM-Pruner), on ~10 calibration
 samples.

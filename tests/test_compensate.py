@@ -1,4 +1,4 @@
-"""Issue 10: SVL subspace-compensated layer removal (METHODS.md section 3)."""
+"""Issue 10: SVL subspace-compensated layer removal (docs/methods.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layout guardrails from DESIGN.md."""
+"""Layout guardrails: the wheel, the torch-free subpackages, no shadowed dependency names."""
 
 from __future__ import annotations
 

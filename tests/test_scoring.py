@@ -1,4 +1,4 @@
-"""Layer scorers (METHODS.md 1-3): every method on every family, an exact-identity layer
+"""Layer scorers (docs/methods.md 1-3): every method on every family, an exact-identity layer
 ranked least important, LC prefix reuse == naive, SVL token selection, and scores.json reuse."""
 
 from __future__ import annotations

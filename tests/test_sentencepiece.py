@@ -3,6 +3,7 @@ tokenizers shipped in edgevlm/tiny/real/ and the SentencePiece ones of the tiny 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -97,21 +98,21 @@ def test_real_tokenizers_match_hugging_face_in_llama_cpp(name, tmp_path):
 
 
 # Real tokenizers that may not be copied into the repo (Llama 2 licence, Qwen Research licence):
-# tested from the project's ../shared/real-models when it is there. Gemma 3's tokenizer files
-# are not available at all.
-SHARED_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real-models"
+# tested when EDGEVLM_REAL_MODELS names a folder holding the hub files (llava-1.5-7b-hf/,
+# Qwen2.5-VL-3B-Instruct/). Gemma 3's tokenizer files were not available at all.
+REAL_MODELS = os.environ.get("EDGEVLM_REAL_MODELS")
 
 
 @pytest.mark.parametrize("name,model", [("llava-1.5-7b-hf", "llama"),
                                         ("Qwen2.5-VL-3B-Instruct", "gpt2")])
-def test_shared_real_tokenizers_match_hugging_face_in_llama_cpp(name, model, tmp_path):
+def test_unshipped_real_tokenizers_match_hugging_face_in_llama_cpp(name, model, tmp_path):
     """LLaVA-1.5's Llama-2 SentencePiece tokenizer.model (read as llama.cpp's converter does)
     and Qwen2.5-VL's byte-level BPE, from the real files."""
     from transformers import AutoTokenizer
 
-    folder = SHARED_REAL / name
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not present (real files not in the repo: see real/SOURCES.md)")
+    folder = Path(REAL_MODELS or "") / name
+    if not REAL_MODELS or not folder.is_dir():
+        pytest.skip(f"set EDGEVLM_REAL_MODELS to a folder holding {name}/ (not redistributable)")
     if not (folder / "tokenizer.json").exists():
         folder = _saved(AutoTokenizer.from_pretrained(folder), tmp_path)
     bad, info = _mismatches(folder, tmp_path)

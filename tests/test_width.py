@@ -1,4 +1,4 @@
-"""Issue 10: uniform width pruning with Taylor importance (METHODS.md section 5)."""
+"""Issue 10: uniform width pruning with Taylor importance (docs/methods.md section 5)."""
 
 from __future__ import annotations
 

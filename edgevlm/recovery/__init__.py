@@ -1,4 +1,4 @@
-"""Recovering what pruning costs: `edgevlm heal` (METHODS.md section 5).
+"""Recovering what pruning costs: `edgevlm heal` (docs/methods.md section 5).
 
 data.py     the training split of a calibration spec and a seeded share of it
 losses.py   the recipes (projector, sft, sft+hidden-kd, logit-kd) and their losses

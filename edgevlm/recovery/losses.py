@@ -1,4 +1,4 @@
-"""The recovery recipes (METHODS.md section 5): which modules train and what loss they minimise.
+"""The recovery recipes (docs/methods.md section 5): which modules train and what loss they minimise.
 
   projector      cross-entropy on answer tokens; only the multimodal projector trains
   sft            cross-entropy on answer tokens

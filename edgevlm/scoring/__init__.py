@@ -1,4 +1,4 @@
-"""Layer scoring: which decoder layers matter (METHODS.md sections 1-3).
+"""Layer scoring: which decoder layers matter (docs/methods.md sections 1-3).
 
 `score(vlm, samples, "bi")` runs a method on calibration samples and returns LayerScores
 (HIGHER = MORE important); `score_cached(...)` reuses a matching scores.json. Methods live

@@ -1,4 +1,4 @@
-"""Vision-tower layer scores (METHODS.md section 8). HIGHER = MORE important.
+"""Vision-tower layer scores (docs/methods.md section 8). HIGHER = MORE important.
 
 - `bi`: Block Influence of each vision layer, 1 - mean cosine(layer input, layer output) in
   fp32 over the patch tokens: padding patches (SmolVLM's patch_attention_mask) and CLIP's

@@ -1,6 +1,6 @@
 """The KV-cache decoder through onnxruntime-genai's model builder.
 
-Measured (see STACK.md): the builder's graph (GroupQueryAttention with fused rotary, packed QKV,
+Measured here: the builder's graph (GroupQueryAttention with fused rotary, packed QKV,
 SkipSimplifiedLayerNormalization) decodes ~3x faster at 512 cached tokens than a torch.onnx
 export with unfused attention, and builds in seconds. We build from a text-only folder
 (`textckpt`) with `exclude_embeds` (the VLM merges image features into the embeddings) and
