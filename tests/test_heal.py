@@ -92,12 +92,19 @@ def test_lora_merges_into_a_stock_checkpoint(tmp_path):
     data = training_data("tasks", 8 / TASK_TRAIN_ITEMS)
     config = HealConfig("logit-kd", "tasks", lora=4, steps=3, batch_size=4, lr=1e-2)
     heal(student, teacher, config, data, tmp_path / "healed", show_progress=False)
-    healed = AutoModelForImageTextToText.from_pretrained(tmp_path / "healed")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "healed" / "model.safetensors")
+    original = load_file(pruned_dir / "model.safetensors")
+    # Merged: exactly the pruned checkpoint's tensors and shapes, no adapter or base_layer keys
+    # (from_pretrained would silently drop those and random-initialise the missing weights).
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in original.items()}
+    healed, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "healed",
+                                                               output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     before = AutoModelForImageTextToText.from_pretrained(pruned_dir)
     assert healed.config.get_text_config().num_hidden_layers == 6
     got, want = healed.state_dict(), before.state_dict()
-    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
-    assert not any("lora" in k for k in got)
     changed = [k for k in got if not torch.equal(got[k], want[k])]
     assert changed and all(k.endswith(("proj.weight",)) for k in changed), changed
     assert healed.config.edgevlm_recovery["lora"] == 4
@@ -143,8 +150,18 @@ def test_resume_continues_from_the_saved_step(tmp_path):
              checkpoint_dir=ckpt, show_progress=False)
     assert not (tmp_path / "out").exists()
     assert torch.load(ckpt / CHECKPOINT, weights_only=False)["step"] == 2
-    resumed = heal(_student(family, tmp_path / "c"), None, config, data, tmp_path / "out",
+    fetched = {"n": 0}
+
+    class Counting:
+        n, description = data.n, data.description
+
+        def get(self, i):
+            fetched["n"] += 1
+            return data.get(i)
+
+    resumed = heal(_student(family, tmp_path / "c"), None, config, Counting(), tmp_path / "out",
                    checkpoint_dir=ckpt, resume=True, show_progress=False)
+    assert fetched["n"] == 2 * config.batch_size  # steps 3 and 4 only
     assert len(resumed["losses"]) == 4
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-4)
     a = load(str(tmp_path / "full")).model.state_dict()
