@@ -215,6 +215,7 @@ class LlamaCppRunner(Runner):
         start = time.perf_counter()
         chunks = self._chunks(image, prompt)
         n_past, prompt_tokens, image_s = 0, 0, 0.0
+        self.image_tokens = 0  # summed over the image's chunks (SmolVLM: one per tile group)
         loop_start = time.perf_counter()
         try:
             count = mtmd.mtmd_input_chunks_size(chunks)
@@ -225,7 +226,7 @@ class LlamaCppRunner(Runner):
                 last = i == count - 1
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     phase("image")
-                    self.image_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    self.image_tokens += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                     t0 = time.perf_counter()
                     if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
                         raise native_error("mtmd could not encode the image",
