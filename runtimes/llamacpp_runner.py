@@ -172,10 +172,34 @@ class LlamaCppRunner(Runner):
             == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
         try:
             check_llamacpp_count(self.artifact.family, image_tokens, self.max_image_tokens)
+            self._check_fits(chunks, image_tokens)
         except UsageError:
             mtmd.mtmd_input_chunks_free(chunks)
             raise
         return chunks
+
+    def _check_fits(self, chunks, image_tokens: int) -> None:
+        """Refuse a prompt the context cannot hold before llama.cpp sees it: past n_ctx it fails
+        with a bare code, and an image chunk that must decode in one batch (Gemma 3's
+        non-causal image attention) larger than the batch aborts the process (GGML_ASSERT)."""
+        from llama_cpp import mtmd_cpp as mtmd
+
+        chunk_list = [mtmd.mtmd_input_chunks_get(chunks, i)
+                      for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+        total = sum(mtmd.mtmd_input_chunk_get_n_tokens(c) for c in chunk_list)
+        if total >= self.n_ctx:  # the first answer token needs one more cell
+            raise UsageError(
+                f"the prompt with its image is {total} tokens ({image_tokens} of them the "
+                f"image), more than this {self.n_ctx}-token llama.cpp context holds",
+                "shorten the prompt or cap the image with --max-image-tokens")
+        for chunk in chunk_list:
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            if (mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
+                    and mtmd.mtmd_decode_use_non_causal(self.mtmd_ctx, chunk)
+                    and n > self.llm.n_batch):
+                raise UsageError(
+                    f"an image of {n} tokens must decode in one llama.cpp batch of at most "
+                    f"{self.llm.n_batch}", "cap the image with --max-image-tokens")
 
     def _logits(self) -> np.ndarray:
         import llama_cpp
@@ -252,11 +276,18 @@ class LlamaCppRunner(Runner):
         prefill_s = time.perf_counter() - loop_start - image_s
         position = [n_past]
 
+        used = [prompt_tokens]  # KV cells filled (M-RoPE positions advance less than this)
+
         def step(token: int) -> np.ndarray:
+            if used[0] >= self.n_ctx:
+                raise UsageError(
+                    f"the answer reached the end of the {self.n_ctx}-token llama.cpp context "
+                    f"(prompt {prompt_tokens} tokens)", "ask for fewer tokens (--max-tokens)")
             if self._decode_text([token], position[0], True) != 0:
                 raise native_error("llama_decode failed",
                                    "the context is full: ask for fewer tokens")
             position[0] += 1
+            used[0] += 1
             return self._logits()
 
         phase("decode")

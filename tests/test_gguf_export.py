@@ -272,8 +272,8 @@ def test_stock_chat_api_on_verified_exports(f32_export):
 @pytest.mark.parametrize("f32_export", ["smolvlm"], indirect=True)
 def test_context_holds_the_longest_sequence_and_overflow_quotes_llama_log(f32_export):
     """Verification contexts are sized from what is fed (a full-size SmolVLM image is 1088+
-    tokens, more than the old fixed 1024); a context that is too small fails with llama.cpp's
-    own last log lines in the error, never "see the log"."""
+    tokens, more than the old fixed 1024); when llama.cpp itself fails, the error quotes its
+    own last log lines, never "see the log"."""
     from edgevlm.errors import EdgeVLMError
     from edgevlm.export.gguf_export import llamacpp
 
@@ -290,9 +290,66 @@ def test_context_holds_the_longest_sequence_and_overflow_quotes_llama_log(f32_ex
     small = llamacpp.open_text(path, n_ctx=llamacpp.context_size(300))
     decoder = llamacpp.Decoder(small)
     decoder.tokens([5] * 400)
+    decoder.n_ctx = 10**6  # past the length guard: llama.cpp's own failure (no KV slot)
     with pytest.raises(EdgeVLMError, match="llama_decode failed") as err:
         decoder.tokens([5] * 200)
     assert "last log lines" in err.value.what and "see the log" not in str(err.value)
+
+
+# Run in a child process: without the guard, llama_decode's GGML_ASSERT(n_tokens_all <= n_batch)
+# aborts the interpreter (SIGABRT), which must fail this test, not kill the test session.
+_OVERFLOW = """
+import sys
+from edgevlm.errors import EdgeVLMError
+from edgevlm.export.gguf_export import llamacpp
+llm = llamacpp.open_text(sys.argv[1], n_ctx=256)
+for name, feed in [("tokens", lambda: llamacpp.Decoder(llm).tokens([5] * 300)),
+                   ("embeddings", lambda: llamacpp.Decoder(llm).embeddings(
+                       __import__("numpy").zeros((300, llm.n_embd()), "float32"))),
+                   ("text_logits", lambda: llamacpp.text_logits(llm, [5] * 300))]:
+    try:
+        feed()
+        print(name, "NO ERROR")
+    except EdgeVLMError as exc:
+        print(name, "REFUSED", exc.what)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("f32_export", ["smolvlm"], indirect=True)
+def test_sequence_longer_than_context_is_refused_not_aborted(f32_export, tmp_path):
+    """300 tokens into a 256-token context: a clear edgevlm error for token runs, image
+    embeddings and text logits (without the guard the first one aborts Python inside
+    llama.cpp, the last one raises llama-cpp-python's bare RuntimeError); the runner refuses
+    a prompt longer than its context, and an answer that reaches the end of it."""
+    import subprocess
+    import sys
+
+    from edgevlm.devices import get_profile
+    from edgevlm.runtimes.bench import bench_image, make_runner
+
+    _family, out, art = f32_export
+    path = out / art.file("text_model").path
+    run = subprocess.run([sys.executable, "-c", _OVERFLOW, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, f"rc {run.returncode}: {run.stderr[-2000:]}"
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if line)
+    assert set(lines) == {"tokens", "embeddings", "text_logits"}, run.stdout
+    for name, said in lines.items():
+        assert said.startswith("REFUSED") and "256-token llama.cpp context" in said, (name, said)
+
+    art.save(out / "manifest.json")
+    runner, _, _ = make_runner(out, get_profile("laptop-x86"))
+    runner.n_ctx = 256
+    runner.load()
+    try:
+        with pytest.raises(UsageError, match=r"more than this 256-token llama.cpp context"):
+            runner.generate(bench_image((200, 150)), "word " * 300, max_tokens=4)
+        with pytest.raises(UsageError, match=r"end of the 256-token llama.cpp context"):
+            runner.generate(bench_image((200, 150)), "word " * 40, max_tokens=400,
+                            ignore_eos=True)
+    finally:
+        runner.close()
 
 
 def test_check_gguf_quant_rejects_bad_input():

@@ -51,8 +51,24 @@ def _llama(llama_cpp, path, n_ctx: int, threads: int):
                            type_v=llama_cpp.GGML_TYPE_F32)
 
 
+def check_fits(n_used: int, n: int, n_ctx: int, n_batch: int, what: str = "tokens") -> None:
+    """Refuse, before llama.cpp sees it, a run that would not fit: more than `n_batch` at once
+    aborts the whole process inside llama_decode (GGML_ASSERT, a C abort that kills Python),
+    and past `n_ctx` (`n_used` cells already filled) llama.cpp fails with a bare code."""
+    if n_used + n > n_ctx:
+        raise EdgeVLMError(
+            f"{n} {what} after {n_used} already decoded do not fit this {n_ctx}-token "
+            f"llama.cpp context (they need {n_used + n})",
+            "open the context with llamacpp.context_size() of the longest sequence fed")
+    if n > n_batch:
+        raise EdgeVLMError(
+            f"{n} {what} in one llama.cpp batch, more than its batch size {n_batch}",
+            "open the context with n_batch = n_ctx (open_text does), or feed fewer at once")
+
+
 def text_logits(llm, ids: list[int]) -> np.ndarray:
     """Logits for every position of `ids` (fresh KV cache)."""
+    check_fits(0, len(ids), llm.n_ctx(), llm.n_batch, "text tokens")
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -74,7 +90,11 @@ class Decoder:
         self.n_embd = llama_cpp.llama_model_n_embd(llm.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
         self.non_causal_images = non_causal_images
-        self.n_past = 0
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = min(llama_cpp.llama_n_batch(self.ctx), llama_cpp.llama_n_ubatch(
+            self.ctx)) if non_causal_images else llama_cpp.llama_n_batch(self.ctx)
+        self.n_past = 0  # the next position (M-RoPE images advance it less than their count)
+        self.n_used = 0  # KV cells filled: one per token or embedding fed
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def _decode(self, batch) -> None:
@@ -88,6 +108,7 @@ class Decoder:
 
     def tokens(self, ids: list[int]) -> None:
         n = len(ids)
+        check_fits(self.n_used, n, self.n_ctx, self.lib.llama_n_batch(self.ctx))
         batch = self.lib.llama_batch_init(n, 0, 1)
         try:
             batch.n_tokens = n
@@ -101,6 +122,7 @@ class Decoder:
         finally:
             self.lib.llama_batch_free(batch)
         self.n_past += n
+        self.n_used += n
 
     def embeddings(self, embs: np.ndarray, grid: tuple[int, int] | None = None) -> None:
         """Decode one image's embeddings. With `grid` (rows, cols of merged patches) the
@@ -108,6 +130,7 @@ class Decoder:
         next text position advances by max(rows, cols) instead of the token count."""
         lib = self.lib
         n = embs.shape[0]
+        check_fits(self.n_used, n, self.n_ctx, self.n_batch, "image embeddings")
         flat = np.ascontiguousarray(embs, dtype=np.float32).ravel()
         embd = (ctypes.c_float * flat.size).from_buffer_copy(flat.tobytes())
         if grid is None:
@@ -138,6 +161,7 @@ class Decoder:
             if self.non_causal_images:
                 lib.llama_set_causal_attn(self.ctx, True)
         self.n_past += advance
+        self.n_used += n
 
     def last_logits(self) -> np.ndarray:
         ptr = self.lib.llama_get_logits_ith(self.ctx, -1)
