@@ -23,6 +23,7 @@ def fidelity(base, pruned, samples, *, batch_size: int = 4, show_progress: bool 
     import torch.nn.functional as F
 
     from edgevlm.prompting import encode, model_inputs
+    from edgevlm.scoring.lc import kl as kl_rows
 
     kl_sum, agree, positions = 0.0, 0, 0
     nll = {"base": 0.0, "pruned": 0.0}
@@ -40,8 +41,8 @@ def fidelity(base, pruned, samples, *, batch_size: int = 4, show_progress: bool 
         predicts = torch.zeros_like(answer)
         predicts[:, :-1] = answer[:, 1:]
         predicts[:, -1] = ~answer.any(dim=1)  # no answer: judge the last prompt position
-        kl = (logp_b.exp() * (logp_b - logp_p)).sum(-1)
-        kl_sum += kl[predicts].sum().item()
+        # KL(P_base || P_pruned) at the judged positions only (float64 rows)
+        kl_sum += kl_rows(logp_b[predicts], logp_p[predicts]).sum().item()
         agree += (logp_b.argmax(-1) == logp_p.argmax(-1))[predicts].sum().item()
         positions += int(predicts.sum())
         targets = batch["input_ids"][:, 1:]

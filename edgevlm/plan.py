@@ -64,19 +64,20 @@ def make_plan(scores: LayerScores, *, ratio: float | None = None, n_layers: int 
         raise UsageError(f"cannot remove {n} layers with {len(protected)} of {total} protected",
                          "protect fewer layers or remove fewer")
     if scores.method == "angular":
-        dropped = _best_block(scores, n, protected)
+        dropped = _best_block(scores, n, protected, layer_types, layer_period)
     elif layer_period and layer_types:
         dropped = _keep_period(scores.scores, n, protected, layer_types, layer_period)
     else:
         order = [i for i in scores.ascending() if i not in protected]
         dropped = order[:n]
-    if scores.method == "angular" and layer_period and layer_types:
-        _check_period(sorted(dropped), layer_types, layer_period)
     return PrunePlan(method=scores.method, n_layers=total, layers=sorted(dropped),
                      ratio=ratio, protected=protected, scores=list(scores.scores)).validate()
 
 
-def _best_block(scores: LayerScores, n: int, protected: list[int]) -> list[int]:
+def _best_block(scores: LayerScores, n: int, protected: list[int], layer_types=None,
+                layer_period=None) -> list[int]:
+    """The contiguous block of n layers with the smallest angular distance among those that
+    avoid the protected layers and (Gemma 3) keep the local/global attention pattern."""
     distances = scores.extra.get("block_distances")
     if scores.extra.get("n") != n or not distances:
         raise UsageError(f"angular scores were computed for blocks of {scores.extra.get('n')} "
@@ -87,6 +88,13 @@ def _best_block(scores: LayerScores, n: int, protected: list[int]) -> list[int]:
     if not starts:
         raise UsageError(f"no contiguous block of {n} layers avoids the protected layers",
                          "protect fewer layers")
+    if layer_period and layer_types:
+        starts = [s for s in starts if _keeps_period(range(s, s + n), layer_types)]
+        if not starts:
+            raise UnsupportedModelError(
+                f"no contiguous block of {n} layers keeps the {layer_period}-layer local/global "
+                "attention pattern", f"use --n-layers as a multiple of {layer_period}, "
+                "or a non-contiguous method such as bi")
     best = min(starts, key=lambda s: (distances[s], s))
     return list(range(best, best + n))
 
@@ -125,13 +133,21 @@ def _keep_period(values: list[float], n: int, protected: list[int], layer_types:
     return dropped
 
 
-def _check_period(dropped: list[int], layer_types: list[str], period: int) -> None:
-    kept = [t for i, t in enumerate(layer_types) if i not in set(dropped)]
-    if any(t != layer_types[j] for j, t in enumerate(kept)):
+def _keeps_period(dropped, layer_types: list[str]) -> bool:
+    """Whether the kept layers' attention types still follow the pattern position by position."""
+    dropped = set(dropped)
+    kept = [t for i, t in enumerate(layer_types) if i not in dropped]
+    return all(t == layer_types[j] for j, t in enumerate(kept))
+
+
+def check_period(dropped: list[int], layer_types: list[str] | None, period: int | None) -> None:
+    """Refuse a removal that breaks a local/global attention pattern (e.g. a replayed plan)."""
+    if period and layer_types and not _keeps_period(dropped, layer_types):
         raise UnsupportedModelError(
-            f"removing layers {dropped[0]}..{dropped[-1]} breaks the {period}-layer "
-            "local/global attention pattern", f"use --n-layers as a multiple of {period}, "
-            "or a non-contiguous method such as bi")
+            f"removing layers {sorted(dropped)} breaks the {period}-layer local/global "
+            "attention pattern that llama.cpp and the ONNX builders assume",
+            "make the plan on this model (edgevlm prune --method ...), which keeps the "
+            "pattern, or remove layers whose removal keeps it")
 
 
 def random_plan(n_total: int, n: int, rng: random.Random, *, protected=(), layer_types=None,

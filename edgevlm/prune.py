@@ -32,6 +32,9 @@ def prune_(vlm, plan: PrunePlan) -> None:
 
         raise UsageError(f"plan mode '{plan.mode}' changes the graph, not the checkpoint",
                          "apply freeze plans at export time (ONNX target)")
+    from edgevlm.plan import check_period
+
+    check_period(plan.layers, getattr(text_config, "layer_types", None), adapter.layer_period)
     kept = plan.kept
     stack = adapter.text_stack(model)
     stack.layers = torch.nn.ModuleList([layers[i] for i in kept])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import random
 
 import pytest
@@ -75,6 +77,24 @@ def test_angular_plan_is_the_best_contiguous_block():
         make_plan(scores, n_layers=2)
 
 
+def test_gemma_angular_plan_is_the_best_block_that_keeps_the_period():
+    """Removing 2 contiguous layers of 12 keeps the 5-local : 1-global pattern only at the
+    end (10, 11); a block of 6 keeps it anywhere. The best valid block wins, not a refusal
+    because the best block overall breaks the pattern."""
+    distances = [0.5, 0.1, 0.3, 0.2, 0.4, 0.9, 0.6, 0.05, 0.7, 0.8, 0.3]  # blocks of 2
+    scores = LayerScores("angular", [0.0] * 12, extra={"n": 2, "block_distances": distances})
+    assert make_plan(scores, n_layers=2).layers == [7, 8]  # no pattern: the best block
+    plan = make_plan(scores, n_layers=2, layer_types=GEMMA_TYPES, layer_period=6)
+    assert plan.layers == [10, 11]
+    six = [0.5, 0.4, 0.45, 0.2, 0.3, 0.6, 0.7]  # blocks of 6
+    scores = LayerScores("angular", [0.0] * 12, extra={"n": 6, "block_distances": six})
+    assert make_plan(scores, n_layers=6, layer_types=GEMMA_TYPES,
+                     layer_period=6).layers == [3, 4, 5, 6, 7, 8]
+    with pytest.raises(UnsupportedModelError, match="local/global"):
+        make_plan(LayerScores("angular", [0.0] * 12, extra={"n": 2, "block_distances": distances}),
+                  n_layers=2, protect="last", layer_types=GEMMA_TYPES, layer_period=6)
+
+
 def test_random_plans_are_valid_and_vary():
     rng = random.Random(0)
     plans = {tuple(random_plan(8, 3, rng).layers) for _ in range(10)}
@@ -86,6 +106,18 @@ def _plan_for(vlm) -> PrunePlan:
     n = vlm.adapter.num_layers(vlm.config)
     layers = [1, 2, 3, 5, 7, 10] if vlm.adapter.layer_period else [1, 4]
     return PrunePlan("bi", n, layers)
+
+
+@contextlib.contextmanager
+def _skipping(vlm, layers):
+    """Run `vlm` unchanged except that decoder `layers` return their input (forward hooks
+    on the original modules; nothing is removed or renumbered)."""
+    from edgevlm.scoring.vision import skip_layer
+
+    with contextlib.ExitStack() as stack:
+        for i in layers:
+            stack.enter_context(skip_layer(vlm.adapter.layers(vlm.model)[i]))
+        yield
 
 
 def test_pruned_checkpoint_reloads_with_stock_transformers(tiny, calib, tmp_path):
@@ -105,7 +137,10 @@ def test_pruned_checkpoint_reloads_with_stock_transformers(tiny, calib, tmp_path
     assert stock.config.edgevlm_plan["dropped"] == plan.layers
     batch = model_inputs(encode(vlm, calib.scoring[:2]))
     with torch.no_grad():
-        assert torch.equal(vlm.model(**batch).logits, stock(**batch).logits)
+        # the reloaded checkpoint == the ORIGINAL model with the dropped layers bypassed
+        with _skipping(tiny, plan.layers):
+            reference = tiny.model(**batch).logits
+        torch.testing.assert_close(stock(**batch).logits, reference, atol=1e-5, rtol=1e-5)
         cached = stock.generate(**batch, max_new_tokens=8, do_sample=False)
         uncached = stock.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
@@ -128,12 +163,49 @@ def test_plan_for_another_model_is_refused():
 
 
 # ---------------------------------------------------------------------------- fidelity
-def test_empty_plan_has_zero_kl(calib):
+class _FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits are `row` at every position."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, row):
+        super().__init__()
+        self.row = row
+
+    def forward(self, input_ids, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.row.expand(*input_ids.shape, -1))
+
+
+def test_fidelity_kl_value_and_direction_by_hand(calib):
+    """Base: uniform over V tokens; pruned: token 0 has probability 3/4, the others share
+    1/4. KL(base || pruned) = sum_i 1/V ln((1/V) / q_i) = -ln V - ln(3/4)/V
+    - (V-1)/V ln(1/(4(V-1))); the other direction would be 3/4 ln(3V/4) + 1/4 ln(V/(4(V-1)))."""
     base = load_tiny("smolvlm")
-    result = fidelity(base, _copy(base), calib.heldout, show_progress=False)
-    assert result["kl"] == pytest.approx(0.0, abs=1e-7)
-    assert result["top1_agreement"] == 1.0
-    assert result["ppl_base"] == pytest.approx(result["ppl_pruned"])
+    V = base.model.config.get_text_config().vocab_size
+    pruned_row = torch.full((V,), -math.log(4 * (V - 1)))
+    pruned_row[0] = math.log(0.75)
+    make = lambda row: LoadedVLM(model=_FixedLogits(row), processor=base.processor,  # noqa: E731
+                                 adapter=base.adapter, name="fixed", path=base.path)
+    result = fidelity(make(torch.zeros(V)), make(pruned_row), calib.heldout[:2],
+                      show_progress=False)
+    expected = -math.log(V) - math.log(0.75) / V + (V - 1) / V * math.log(4 * (V - 1))
+    reverse = 0.75 * math.log(0.75 * V) + 0.25 * math.log(V / (4 * (V - 1)))
+    assert abs(expected - reverse) > 0.1
+    assert result["kl"] == pytest.approx(expected, rel=1e-6)  # fp32 log-softmax
+    assert result["positions"] > 0
+
+
+def test_random_baseline_honours_protected_layers(calib):
+    base = load_tiny("llava")
+    n = base.adapter.num_layers(base.config)
+    result = random_baseline(base, 3, calib.heldout[:1], 6, protected=[0, 1, n - 1],
+                             show_progress=False)
+    dropped = [run["dropped"] for run in result["runs"]]
+    assert all(len(d) == 3 and not {0, 1, n - 1} & set(d) for d in dropped)
+    assert len({tuple(d) for d in dropped}) > 1
 
 
 def _uneven_model():
@@ -215,6 +287,57 @@ def test_cli_prune_then_replay_plan_and_eval(tmp_path, capsys):
                  "--baseline", "random:2", "--json", str(tmp_path / "eval.json")]) == 0
     assert "random baseline" in capsys.readouterr().out
     assert (tmp_path / "eval.json").exists()
+
+
+def test_cli_plan_replay_keeps_the_gemma_pattern(tmp_path, capsys):
+    """A plan.json that would break Gemma 3's local/global pattern is refused on replay
+    (--plan skips the planner that keeps it); one that keeps it replays."""
+    bad = PrunePlan("manual", 12, [0])
+    bad.save(tmp_path / "bad.json")
+    code = main(["-q", "prune", "tiny:gemma3", "--plan", str(tmp_path / "bad.json"),
+                 "-o", str(tmp_path / "out")])
+    assert code == 2 and "local/global" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UnsupportedModelError, match="local/global"):
+        prune_(_copy(load_tiny("gemma3")), PrunePlan("manual", 12, [3, 4]))
+    PrunePlan("manual", 12, [10, 11]).save(tmp_path / "good.json")
+    assert main(["-q", "prune", "tiny:gemma3", "--plan", str(tmp_path / "good.json"),
+                 "-o", str(tmp_path / "good")]) == 0
+
+
+def test_eval_judges_only_heldout_samples(tmp_path, monkeypatch, capsys):
+    """Every sample `eval` judges (fidelity, accuracy, random baseline) is held out: none
+    of the calibration's scoring samples, which chose the plan."""
+    import edgevlm.accuracy
+    import edgevlm.fidelity
+    from edgevlm import pipeline
+
+    seen, calibs = [], []
+    real_calibration = pipeline.calibration
+
+    def calibration(spec, seed=0):
+        calibs.append(real_calibration(spec, seed))
+        return calibs[-1]
+
+    def recording(real):
+        def wrapper(*args, **kwargs):
+            seen.extend(s for a in args if isinstance(a, list) for s in a)
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "calibration", calibration)
+    for module, name in ((edgevlm.fidelity, "fidelity"), (edgevlm.fidelity, "random_baseline"),
+                         (edgevlm.accuracy, "task_accuracy")):
+        monkeypatch.setattr(module, name, recording(getattr(module, name)))
+    from conftest import pruned_checkpoint
+
+    pruned = pruned_checkpoint("qwen2-vl", [1, 4], tmp_path / "pruned")
+    assert main(["-q", "eval", "tiny:qwen2-vl", str(pruned), "--calib", "builtin:6",
+                 "--baseline", "random:1"]) == 0
+    (calib,) = calibs
+    assert seen and calib.scoring and calib.heldout
+    assert all(any(s is h for h in calib.heldout) for s in seen)
+    assert not any(s is c for s in seen for c in calib.scoring)
 
 
 def test_cli_score_reuses_cached_scores(tmp_path):

@@ -1,5 +1,6 @@
-"""Layer scorers (docs/methods.md 1-3): every method on every family, an exact-identity layer
-ranked least important, LC prefix reuse == naive, SVL token selection, and scores.json reuse."""
+"""Layer scorers (docs/methods.md 1-3): every method on every family, KL, BI and SVL token
+importance checked by hand, an exact-identity layer, LC prefix reuse == naive, SVL scores ==
+BI on the attention map's important tokens, and scores.json reuse."""
 
 from __future__ import annotations
 
@@ -104,22 +105,113 @@ def test_block_capture_is_raw_block_io(tiny, samples):
     assert batch.visual.any(dim=1).all() and not (batch.visual & ~batch.real).any()
 
 
-def test_identity_layer_ranked_least_important(tiny, samples):
+def test_identity_layer_has_zero_bi_and_is_the_angular_block(tiny, samples):
+    """An exact identity layer: BI 0 (its input and output are equal at every token) and the
+    n=1 angular block. (LC is checked by hand below: an identity layer gives KL 0 either
+    way round, so it cannot tell the direction apart.)"""
     twin = _with_identity_layer(tiny)
     bi = _score(twin, samples, "bi")
     assert bi.scores[IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-6)
     assert bi.ascending()[0] == IDENTITY_LAYER
-    lc_all = _score(twin, samples, "lc", tokens="all")
-    assert lc_all.scores[IDENTITY_LAYER] == 0.0
-    assert lc_all.ascending()[0] == IDENTITY_LAYER
-    assert min(s for i, s in enumerate(lc_all.scores) if i != IDENTITY_LAYER) > 0
-    # visual LC: the last layer's visual tokens cannot reach the last position either, so it
-    # ties at exactly 0; ties break by index, so the identity layer still comes first.
-    lc_visual = _score(twin, samples, "lc")
-    assert lc_visual.scores[IDENTITY_LAYER] == 0.0
-    assert lc_visual.ascending()[0] == IDENTITY_LAYER
+    assert min(s for i, s in enumerate(bi.scores) if i != IDENTITY_LAYER) > 1e-4
     angular = _score(twin, samples, "angular", n=1)
     assert angular.extra["best_block"] == [IDENTITY_LAYER]
+
+
+def test_kl_value_and_direction_by_hand():
+    """KL(P || Q) = sum P log(P / Q): P = (1/2, 1/2), Q = (9/10, 1/10) gives
+    1/2 ln(5/9) + 1/2 ln 5 = 0.510826; the other way round 9/10 ln(9/5) + 1/10 ln(1/5) =
+    0.368064."""
+    from edgevlm.scoring.lc import kl
+
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.9, 0.1]]).log()
+    assert kl(p, q).item() == pytest.approx(0.5108256, abs=1e-6)
+    assert kl(q, p).item() == pytest.approx(0.3680642, abs=1e-6)
+    assert kl(p, p).item() == 0.0
+
+
+def test_bi_by_hand_including_a_zero_vector():
+    """BI = 1 - mean cosine over the counted tokens. Rows: (1,0)->(2,0) cosine 1;
+    (0,1)->(1,1) cosine 1/sqrt 2; (0,0)->(3,4) a zero input: no defined cosine, counted as
+    0.5 (ShortGPT's reference code turns that NaN into 0.5; docs/methods.md section 1), not
+    the 0 F.cosine_similarity returns; (1,1)->(-1,-1) cosine -1 but masked out (padding)."""
+    from edgevlm.scoring.bi import CosineStats
+
+    x_in = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]])
+    x_out = torch.tensor([[[2.0, 0.0], [1.0, 1.0], [3.0, 4.0], [-1.0, -1.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    stats = CosineStats(2)
+    stats.add(0, x_in, x_out, mask)
+    stats.add(1, x_out, x_in, mask)  # zero output this time: the same convention
+    expected = 1 - (1 + 2 ** -0.5 + 0.5) / 3  # 0.264298
+    assert stats.block_influence("tokens") == pytest.approx([expected, expected], abs=1e-6)
+    assert stats.counts == [3, 3]
+    with pytest.raises(CalibrationError):
+        CosineStats(1).block_influence("tokens")
+
+
+# A causal attention map over [T0, V1, V2, T3, T4] (rows = queries, each sums to 1).
+HAND_ATTENTION = torch.tensor([[[1.0, 0.0, 0.0, 0.0, 0.0],
+                                [0.5, 0.5, 0.0, 0.0, 0.0],
+                                [0.2, 0.5, 0.3, 0.0, 0.0],
+                                [0.1, 0.2, 0.6, 0.1, 0.0],
+                                [0.1, 0.1, 0.4, 0.2, 0.2]]])
+HAND_VISUAL = torch.tensor([[False, True, True, False, False]])
+
+
+def test_svl_token_importance_by_hand():
+    """docs/methods.md section 3, counting only causally possible partners, averaging the
+    two raw terms, then normalising within the modality:
+    V1: from visual queries {1,2} (0.5+0.5)/2 = 0.5, from text queries {3,4} (0.2+0.1)/2 =
+        0.15 -> 0.325;  V2: from {2} 0.3, from {3,4} (0.6+0.4)/2 = 0.5 -> 0.4;
+        normalised over 0.725: 0.448276, 0.551724.
+    T0: pays to visual keys <= 0: none, 0; receives from text queries {0,3,4}
+        (1+0.1+0.1)/3 = 0.4 -> 0.2;  T3: (0.2+0.6)/2 = 0.4, from {3,4} (0.1+0.2)/2 = 0.15 ->
+        0.275;  T4: (0.1+0.4)/2 = 0.25, from {4} 0.2 -> 0.225; normalised over 0.7.
+    Normalising each term first would give V1 0.427918; dividing by every query of the
+    modality (not the causal ones) V1 0.5 = V2."""
+    from edgevlm.scoring.svl import token_importance
+
+    importance = token_importance(HAND_ATTENTION, HAND_VISUAL, ~HAND_VISUAL)
+    expected = [0.2 / 0.7, 0.325 / 0.725, 0.4 / 0.725, 0.275 / 0.7, 0.225 / 0.7]
+    assert importance[0].tolist() == pytest.approx(expected, abs=1e-6)
+    # top half of each modality: the LATER visual token and the two later text tokens
+    keep = top_p_mask(importance, HAND_VISUAL, ~HAND_VISUAL, 0.5)
+    assert keep.tolist() == [[False, False, True, True, True]]
+    padded = torch.tensor([[False, True, True, True, True]])  # T0 as padding: excluded
+    importance = token_importance(HAND_ATTENTION, HAND_VISUAL, padded & ~HAND_VISUAL)
+    assert importance[0, 0] == 0 and importance[0, 3:].sum().item() == pytest.approx(1.0)
+
+
+def test_svl_scores_are_bi_on_the_attention_maps_important_tokens(tiny, samples):
+    """SVL's layer scores equal BI over the tokens that each layer's own attention map
+    (returned by the model with output_attentions, not by SVL's hooks) marks important;
+    keeping the first tokens of each modality instead gives other scores."""
+    from edgevlm.scoring.bi import CosineStats
+    from edgevlm.scoring.hooks import eager_attention
+    from edgevlm.scoring.svl import token_importance
+
+    p = 0.5
+    n = tiny.adapter.num_layers(tiny.config)
+    result = score(tiny, samples, "svl", batch_size=len(samples), progress=False, p=p)
+    batch = next(iter_batches(tiny, samples, len(samples)))
+    visual, text = batch.tokens("visual"), batch.tokens("text")
+    blocks = {}
+    with torch.no_grad(), eager_attention(tiny), capture_blocks(
+            tiny, lambda i, x_in, x_out: blocks.__setitem__(i, (x_in, x_out))):
+        out = tiny.model(**batch.inputs, use_cache=False, output_attentions=True)
+    attentions = out.attentions
+    assert len(attentions) == n
+    important, first = CosineStats(n), CosineStats(n)
+    for i, (x_in, x_out) in blocks.items():
+        keep = top_p_mask(token_importance(attentions[i].float().mean(1), visual, text),
+                          visual, text, p)
+        important.add(i, x_in, x_out, keep)
+        order = torch.arange(visual.shape[1], dtype=torch.float).expand_as(visual)
+        first.add(i, x_in, x_out, top_p_mask(-order, visual, text, p))
+    assert result.scores == pytest.approx(important.block_influence("kept"), abs=1e-5)
+    assert result.scores != pytest.approx(first.block_influence("first"), abs=1e-5)
 
 
 def test_lc_prefix_reuse_equals_naive(tiny, samples):

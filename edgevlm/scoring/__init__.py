@@ -68,13 +68,19 @@ def score_cached(vlm, samples, method: str, *, tokens: str | None = None, batch_
 
 
 def _run(vlm, samples, scorer: Scorer, stored: dict, runtime: dict, info: dict,
-         batch_size: int, progress: bool) -> LayerScores:
+         batch_size: int, progress: bool, *, n_layers: int | None = None,
+         label: str | None = None) -> LayerScores:
+    """Run `scorer` over `samples` in batches (inference mode, a progress bar labelled
+    `label`) and wrap its values as LayerScores named `label` (default: the scorer's name).
+    `n_layers` defaults to the decoder's depth; vision scoring passes the tower's."""
     import torch
 
     from edgevlm import __version__
 
-    n_layers = len(vlm.adapter.layers(vlm.model))
-    bar = tqdm_bar(len(samples), f"{scorer.name} scores", progress)
+    if n_layers is None:
+        n_layers = len(vlm.adapter.layers(vlm.model))
+    label = label or scorer.name
+    bar = tqdm_bar(len(samples), f"{label} scores", progress)
 
     def batches():
         for batch in iter_batches(vlm, samples, batch_size):
@@ -86,7 +92,7 @@ def _run(vlm, samples, scorer: Scorer, stored: dict, runtime: dict, info: dict,
             values, extra = scorer.run(vlm, batches(), n_layers, **stored, **runtime)
     finally:
         bar.close()
-    return LayerScores(method=scorer.name, scores=[float(v) for v in values], options=stored,
+    return LayerScores(method=label, scores=[float(v) for v in values], options=stored,
                        model=vlm.name, fingerprint=vlm.fingerprint(), calibration=info,
                        version=__version__, extra=jsonable(extra))
 

@@ -7,6 +7,21 @@ from edgevlm.scoring.base import Scorer, register
 from edgevlm.scoring.hooks import TOKEN_SUBSETS, capture_blocks, forward
 
 
+def row_cosine(x_in, x_out):
+    """Row-wise cosine in fp32 (never an N x N matrix). A row where either vector is zero
+    has no defined cosine: it counts as 0.5, the ShortGPT reference code's value for its NaN
+    (docs/methods.md section 1). F.cosine_similarity would return 0 there (it clamps the
+    norm product), so zero rows are found explicitly."""
+    import torch
+
+    x_in, x_out = x_in.float(), x_out.float()
+    dot = (x_in * x_out).sum(-1)
+    norms = torch.linalg.vector_norm(x_in, dim=-1) * torch.linalg.vector_norm(x_out, dim=-1)
+    defined = norms > 0
+    cos = torch.where(defined, dot / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.5)
+    return cos.clamp(-1.0, 1.0)
+
+
 class CosineStats:
     """Per-layer running sum and count of token cosines between block input and output.
 
@@ -18,11 +33,7 @@ class CosineStats:
         self.counts = [0] * n_layers
 
     def add(self, index: int, x_in, x_out, mask) -> None:
-        import torch.nn.functional as F
-
-        # Row-wise cosine in fp32; never an N x N matrix. NaN (zero vectors) -> 0.5 as in
-        # the ShortGPT reference code.
-        cos = F.cosine_similarity(x_in, x_out, dim=-1).nan_to_num(nan=0.5)
+        cos = row_cosine(x_in, x_out)
         mask = mask.to(cos.device)  # layers may sit on other devices (device_map)
         self.sums[index] += float(cos[mask].double().sum())
         self.counts[index] += int(mask.sum())

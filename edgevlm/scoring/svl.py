@@ -3,12 +3,12 @@
 For each layer, the attention map of that layer (eager attention, mean over heads) gives
 token importance; BI of that layer is then computed on the important tokens only.
 
-Token importance, per sample (V = visual tokens, T = text tokens, padding excluded;
-A[q, k] = attention query q pays to key k):
-- visual token j: mean of  mean_{q in V} A[q, j]  and  mean_{q in T} A[q, j]
-- text token i:   mean of  mean_{k in V} A[i, k]  and  mean_{q in T} A[q, i]
-Each of the two terms is first normalised to sum 1 over its modality's tokens, so neither
-dominates by scale (this is the "normalise per modality" step). Then the top
+Token importance, per sample (docs/methods.md section 3; V = visual tokens, T = text tokens,
+padding excluded; A[q, k] = attention query q pays to key k, causal so A[q, k] = 0 for k > q):
+- visual token j: mean of  mean_{q in V, q >= j} A[q, j]  and  mean_{q in T, q >= j} A[q, j]
+- text token i:   mean of  mean_{k in V, k <= i} A[i, k]  and  mean_{q in T, q >= i} A[q, i]
+Each mean counts only the causally possible partners (a term with none is 0). The two raw
+terms are averaged first, then normalised to sum 1 within the modality. Then the top
 ceil(p * |V|) visual and ceil(p * |T|) text tokens are kept (p = fraction per modality,
 default 0.5; ties broken by position).
 """
@@ -31,17 +31,24 @@ def _normalise(values, mask):
     return torch.where(total > 0, values / total.clamp(min=1e-30), values)
 
 
+def _mean(total, count):
+    import torch
+
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
 def token_importance(attn, visual, text):
     """Importance (batch x seq) of each token within its modality from a head-averaged
-    attention map (batch x seq x seq); zero outside `visual | text`."""
+    attention map (batch x seq x seq, rows = queries); zero outside `visual | text`."""
     v, t = visual.float(), text.float()
-    n_v = v.sum(-1, keepdim=True).clamp(min=1)
-    n_t = t.sum(-1, keepdim=True).clamp(min=1)
-    received_from_v = (attn * v.unsqueeze(-1)).sum(1) / n_v  # column means over visual queries
-    received_from_t = (attn * t.unsqueeze(-1)).sum(1) / n_t
-    paid_to_v = (attn * v.unsqueeze(1)).sum(2) / n_v  # row means over visual keys
-    vis = (_normalise(received_from_v, v) + _normalise(received_from_t, v)) / 2
-    txt = (_normalise(paid_to_v, t) + _normalise(received_from_t, t)) / 2
+    v_after = v.flip(-1).cumsum(-1).flip(-1)  # visual queries at or after each position
+    t_after = t.flip(-1).cumsum(-1).flip(-1)
+    v_upto = v.cumsum(-1)  # visual keys at or before each position
+    received_from_v = _mean((attn * v.unsqueeze(-1)).sum(1), v_after)  # column sums
+    received_from_t = _mean((attn * t.unsqueeze(-1)).sum(1), t_after)
+    paid_to_v = _mean((attn * v.unsqueeze(1)).sum(2), v_upto)  # row sums over visual keys
+    vis = _normalise((received_from_v + received_from_t) / 2, v)
+    txt = _normalise((paid_to_v + received_from_t) / 2, t)
     return vis * v + txt * t
 
 

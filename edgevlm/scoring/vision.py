@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 
 from edgevlm.registry import Registry
-from edgevlm.scoring.base import Scorer, tqdm_bar
+from edgevlm.scoring.base import Scorer
 from edgevlm.scoring.bi import CosineStats
-from edgevlm.scoring.hooks import _hidden, _output, forward, iter_batches
+from edgevlm.scoring.hooks import _hidden, _output, forward
 from edgevlm.scoring.lc import kl
-from edgevlm.types import LayerScores, jsonable
+from edgevlm.types import LayerScores
 
 VISION_SCORERS: Registry[Scorer] = Registry("vision scoring method")
 PREFIX = "vision-"
@@ -130,9 +130,7 @@ _register(Scorer(name="kl", summary="KL of the next-token distribution when a vi
 def score_vision(vlm, samples, method: str = "bi", *, batch_size: int = 4, progress: bool = True,
                  calibration: dict | None = None, use_cache: bool = True) -> LayerScores:
     """Score every vision layer of `vlm` (cached per model + method + calibration samples)."""
-    import torch
-
-    from edgevlm import __version__
+    from edgevlm.scoring import _run
     from edgevlm.scoring.cache import STATS, cache_file, cache_key, calibration_info, load_matching
     from edgevlm.vision_prune import num_vision_layers
 
@@ -146,22 +144,8 @@ def score_vision(vlm, samples, method: str = "bi", *, batch_size: int = 4, progr
         if found is not None:
             STATS["reused"] += 1
             return found
-    n_layers = num_vision_layers(vlm.config)
-    bar = tqdm_bar(len(samples), f"{name} scores", progress)
-
-    def batches():
-        for batch in iter_batches(vlm, samples, batch_size):
-            yield batch
-            bar.update(batch.size)
-
-    try:
-        with torch.inference_mode():
-            values, extra = scorer.run(vlm, batches(), n_layers)
-    finally:
-        bar.close()
-    result = LayerScores(method=name, scores=[float(v) for v in values], model=vlm.name,
-                         fingerprint=vlm.fingerprint(), calibration=info, version=__version__,
-                         extra=jsonable(extra))
+    result = _run(vlm, samples, scorer, {}, {}, info, batch_size, progress,
+                  n_layers=num_vision_layers(vlm.config), label=name)
     STATS["computed"] += 1
     if use_cache:
         result.save(cache_file(key))
