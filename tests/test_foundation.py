@@ -58,12 +58,32 @@ def test_adapter_paths_and_forward_with_image(tiny, calib):
     assert not torch.allclose(out.logits, other)
 
 
-def test_visual_tokens_are_the_image_tokens(tiny, calib):
-    batch = encode(tiny, calib.scoring[:1])
+def test_visual_mask_is_where_the_model_scatters_image_features(tiny, calib, monkeypatch):
+    """The visual-token mask that scorers use (batch.visual, from the adapter) is exactly
+    where the model's own forward scatters image features into the input embeddings: every
+    family merges them with Tensor.masked_scatter, which is spied on here. Two samples of
+    different lengths, so one row is left-padded."""
+    from edgevlm.scoring.hooks import forward, iter_batches
+
     ids = tiny.adapter.image_token_ids(tiny.config)
     assert ids and all(i < tiny.config.get_text_config().vocab_size for i in ids)
-    visual = tiny.adapter.visual_mask(batch["input_ids"], tiny.config)
-    assert int(visual.sum()) == sum(int((batch["input_ids"] == i).sum()) for i in ids)
+    batch = next(iter_batches(tiny, calib.scoring[:2], 2))
+    scattered = []
+    real_scatter = torch.Tensor.masked_scatter
+
+    def spy(self, mask, source):
+        if self.dim() == 3 and self.shape[:2] == batch.real.shape:
+            scattered.append(mask.expand_as(self).any(-1))
+        return real_scatter(self, mask, source)
+
+    monkeypatch.setattr(torch.Tensor, "masked_scatter", spy)
+    with torch.no_grad():
+        forward(tiny, batch)
+    assert len(scattered) == 1  # one merge of image features into the sequence
+    assert scattered[0].any(dim=1).all()
+    assert torch.equal(batch.visual, scattered[0])
+    assert torch.equal(tiny.adapter.visual_mask(batch.inputs["input_ids"], tiny.config).bool(),
+                       scattered[0])
 
 
 def test_checkpoint_looks_like_the_hub(family):
