@@ -4,6 +4,7 @@ Qwen2-VL config, and the full-size SmolVLM exported with verification on."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -82,3 +83,223 @@ def test_full_size_smolvlm_exports_with_verification_on(target, tmp_path, capsys
         assert manifest["io"]["n_layers"] == 21
     else:
         assert parity["greedy_tokens_equal"]
+
+
+# --- the five families' real files, depth-reduced, through load -> prune -> export -> run ---
+
+REAL_MODELS = os.environ.get("EDGEVLM_REAL_MODELS")  # a folder holding the hub folders below
+# family -> (hub folder, shipped in edgevlm/tiny/real/ (Apache-2.0))
+REAL = {"smolvlm": ("SmolVLM-256M-Instruct", True), "qwen2-vl": ("Qwen2-VL-2B-Instruct", True),
+        "qwen2.5-vl": ("Qwen2.5-VL-3B-Instruct", False),  # Qwen Research licence
+        "llava": ("llava-1.5-7b-hf", False),  # Llama 2 licence
+        "gemma3": ("gemma-3-4b-it", False)}  # Gemma terms
+# Depth (and, for CPU time, widths) reduced; every other key stays as the hub wrote it. Text
+# head_dim stays real (Qwen's M-RoPE sections [16, 24, 24] need 128; Gemma 3's 256), vision
+# head_dim too where the rotary layout depends on it (Qwen ViT: 80). Widths go down because
+# real ones cost minutes here: a SmolVLM picture is 17 tiles of 1024 patches, real vocabularies
+# are 49k-262k rows. Layers: 4 text layers (Gemma 3: 12, two 5-local:1-global periods).
+TEXT = {"smolvlm": dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256,
+                        num_attention_heads=2, num_key_value_heads=1),  # head_dim 64 (real)
+        "qwen2-vl": dict(num_hidden_layers=4, max_window_layers=4, hidden_size=128,
+                         intermediate_size=256, num_attention_heads=1, num_key_value_heads=1),
+        "qwen2.5-vl": dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=1, num_key_value_heads=1),  # max_window_layers 70
+        "llava": dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=1, num_key_value_heads=1),
+        "gemma3": dict(num_hidden_layers=12, hidden_size=128, intermediate_size=256,
+                       num_attention_heads=1, num_key_value_heads=1)}  # head_dim 256 (real)
+VISION = {"smolvlm": dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                          num_attention_heads=1),
+          "qwen2-vl": dict(depth=1, embed_dim=80, num_heads=1, hidden_size=128),
+          "qwen2.5-vl": dict(depth=2, hidden_size=80, num_heads=1, intermediate_size=160,
+                             out_hidden_size=128, fullatt_block_indexes=[1]),
+          "llava": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                        num_attention_heads=1, projection_dim=64),
+          "gemma3": dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                         num_attention_heads=1)}
+RATIO = 0.5  # 4 -> 2 text layers (Gemma 3: 12 -> 6, one whole period)
+
+
+def real_dir(family: str):
+    """The real files of `family`: shipped ones from the package, others from
+    EDGEVLM_REAL_MODELS (skip without it: not redistributable)."""
+    from pathlib import Path
+
+    from edgevlm.tiny.presets import REAL_ROOT
+
+    name, shipped = REAL[family]
+    if shipped:
+        return REAL_ROOT / name
+    folder = Path(REAL_MODELS or "/nonexistent") / name
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"set EDGEVLM_REAL_MODELS to a folder holding {name}/ (not redistributable)")
+    return folder
+
+
+def _reduced_config(family: str, raw: dict) -> dict:
+    """The hub config.json with depth and widths reduced, its layout kept (flat Qwen2-VL)."""
+    cfg = json.loads(json.dumps(raw))
+    text = cfg if "text_config" not in cfg else cfg["text_config"]
+    text.update(TEXT[family])
+    cfg["vision_config"].update(VISION[family])
+    return cfg
+
+
+def _gemma_tokenizer(folder, cfg: dict) -> None:
+    """Gemma 3's tokenizer files are not available (SOURCES.md): the tiny Gemma 3 SentencePiece
+    tokenizer (same kind, same special-token strings) stands in, and the config's token ids
+    name its ids; the real chat template, image processor and processor config stay."""
+    from edgevlm.tiny import Shape
+    from edgevlm.tiny.gemma3 import _build
+
+    _model, processor = _build(Shape(layers=1, vision=dict(num_hidden_layers=1)), 0)
+    tok = processor.tokenizer
+    tok.save_pretrained(folder)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [
+        ("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
+        ("image_token_index", "<image_soft_token>")]}
+    cfg.update(ids, eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+               bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    cfg["text_config"].update(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                              eos_token_id=cfg["eos_token_id"])
+
+
+def build_reduced(family: str, dest):
+    """A checkpoint folder: the real metadata files verbatim (Gemma 3: tokenizer stand-in),
+    the real config.json with reduced depth/widths, random weights (seeded)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    src = real_dir(family)
+    dest.mkdir(parents=True)
+    raw = json.loads((src / "config.json").read_text())
+    cfg = _reduced_config(family, raw)
+    if family == "gemma3":
+        _gemma_tokenizer(dest, cfg)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in {"config.json", "LICENSE", "SOURCES.md",
+                                          "model.safetensors.index.json"}:
+            shutil.copy(f, dest / f.name)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    if not (dest / "tokenizer.json").exists():
+        # Qwen's hub tokenizer.json (7 MB) was not available (SOURCES.md); the hub's is what
+        # transformers writes from vocab.json + merges.txt + tokenizer_config.json, as here
+        # (the random: presets do the same).
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(dest).backend_tokenizer.save(str(dest / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(dest),
+                                                    dtype=torch.float32)
+    if family == "gemma3":  # from-config Gemma 3 zero-initialises its projector (tiny/gemma3.py)
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.125)
+    model.save_pretrained(dest)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))  # the hub layout, not ours
+    return dest
+
+
+def _torch_greedy(folder, image, prompt: str, n: int, rms_eps: float | None = None):
+    import torch
+
+    from edgevlm.export.gguf_export.verify import text_rms_eps
+    from edgevlm.loader import load
+    from edgevlm.prompting import chat_text
+
+    vlm = load(str(folder))
+    batch = vlm.processor(text=[chat_text(vlm.processor, prompt)], images=[[image]],
+                          return_tensors="pt")
+    with text_rms_eps(vlm, rms_eps), torch.no_grad():
+        out = vlm.model.generate(**batch, max_new_tokens=n, do_sample=False)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def _run_export(out, image, prompt: str, n: int) -> list[int]:
+    from edgevlm.devices import get_profile
+    from edgevlm.runtimes.bench import make_runner
+
+    runner, _, _ = make_runner(out, get_profile("laptop-x86"), threads=1)
+    runner.load()
+    try:
+        return runner.generate(image, prompt, max_tokens=n).tokens
+    finally:
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = build_reduced(family, tmp_path_factory.mktemp(family) / "model")
+        return made[family]
+
+    return get
+
+
+GEN = 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(REAL))
+@pytest.mark.parametrize("target", ["gguf", "onnx"])
+def test_real_files_load_prune_export_verify_run(family, target, reduced, tmp_path, capsys):
+    """The family's exact hub config (depth-reduced), processor, tokenizer and chat template:
+    BI prunes half the decoder layers, every layer count in the pruned config.json says so,
+    the export is verified against PyTorch (default: on), and `run` with an image in the
+    target's runner generates PyTorch's greedy tokens. LLaVA's GGUF stops with the known
+    llama.cpp defect instead."""
+    from edgevlm.cli import main
+    from edgevlm.export.gguf_export.source import read_config
+    from edgevlm.export.gguf_export.verify import KNOWN, native_image
+    from edgevlm.runtimes.bench import bench_image
+
+    folder = reduced(family)
+    raw = json.loads((folder / "config.json").read_text())
+    assert ("text_config" not in raw) == (family in ("qwen2-vl", "qwen2.5-vl"))  # hub layouts
+    n_text = TEXT[family]["num_hidden_layers"]
+    out = tmp_path / "out"
+    args = ["-q", "export", "--model", str(folder), "--method", "bi", "--ratio", str(RATIO),
+            "--calib", "builtin:2", "--target", target, "-o", str(out)]
+    if target == "gguf":
+        args += ["--quant", "f32", "--mmproj-type", "f32"]
+    rc = main(args)
+    printed = capsys.readouterr()
+    if family == "llava" and target == "gguf":  # the known llama.cpp defect, said, nothing kept
+        assert rc == 1, printed.out
+        assert "class token" in printed.err + printed.out and KNOWN["llava"][:40] in (
+            printed.err + printed.out)
+        assert not list((out / "gguf").glob("*.gguf")) if (out / "gguf").exists() else True
+        return
+    assert rc == 0, printed.out + printed.err
+    kept = n_text - round(n_text * RATIO)
+    saved = json.loads((out / "pruned" / "config.json").read_text())
+    for key in ("num_hidden_layers", "max_window_layers"):
+        for path, value in _walk(saved, key):
+            if not path.startswith("vision_config."):
+                assert value == kept, (path, value)
+    assert dict(_walk(saved, "num_hidden_layers"))
+    assert all(len(v) == kept for p, v in _walk(saved, "layer_types")
+               if not p.startswith("vision_config."))
+    assert read_config(out / "pruned")["text_config"]["num_hidden_layers"] == kept
+    manifest = json.loads((out / "manifest.json").read_text())
+    parity = manifest["parity"]
+    assert "verified against PyTorch" in printed.out
+    if target == "gguf":
+        assert parity["passed"] and all(c["ok"] for c in parity["checks"])
+        assert parity["greedy_tokens_equal"]
+    else:
+        assert parity["greedy_tokens_equal"]
+    # `run`: each runner preprocesses itself; the picture is at a size both sides keep
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    size = pre.get("crop_size") or pre.get("size") or {}
+    io = {"longest_edge": size.get("longest_edge"), "image_size": size.get("height")}
+    image = native_image(family, {}, io, bench_image((200, 150)))
+    prompt = "What is in the image?"
+    eps = 0.0 if "eps 0" in str(parity.get("reference", "")) else None
+    want = _torch_greedy(out / "pruned", image, prompt, GEN, eps)
+    got = _run_export(out, image, prompt, GEN)
+    assert got == want, (got, want)

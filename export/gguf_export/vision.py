@@ -60,7 +60,9 @@ def mapped_jobs(src, n_blocks: int, overrides: dict | None = None, skip=(), *,
     -> fn on the float32 array) and `max_types` (GGUF full name -> "F16") adjust single tensors."""
     from gguf import MODEL_ARCH, TensorNameMap
 
-    names = TensorNameMap(MODEL_ARCH.MMPROJ, n_blocks)
+    # gguf numbers projector layers like blocks (visual.merger.mlp.{bid} -> mm.{bid}): a
+    # tower with fewer than 3 blocks (vision-pruned, depth-reduced) must still name mlp.2.
+    names = TensorNameMap(MODEL_ARCH.MMPROJ, max(n_blocks, 4))
     overrides, transforms, max_types = overrides or {}, transforms or {}, max_types or {}
     jobs = []
     for name in src.names():
