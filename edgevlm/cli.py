@@ -60,6 +60,10 @@ def _layer_options(p: argparse.ArgumentParser) -> None:
                         "importance per attention head group / MLP channel; --ratio)")
     p.add_argument("--compensate", type=int, default=None, metavar="K",
                    help="SVL subspace compensation of each removed block (rank K, e.g. 8)")
+    p.add_argument("--mode", default="drop", choices=["drop", "freeze"],
+                   help="drop: remove the chosen layers; freeze (ShortV, --method lc): keep them, "
+                        "but visual tokens skip their query, output projection and MLP "
+                        "(ONNX target only)")
 
 
 def _heal_options(p: argparse.ArgumentParser, *, batch_size: bool) -> None:

@@ -141,7 +141,11 @@ def _decoder_plan(args, vlm, calib):
     from edgevlm.types import PrunePlan
 
     if args.plan:
-        return None, PrunePlan.load(args.plan).validate()
+        plan = PrunePlan.load(args.plan).validate()
+        if getattr(args, "mode", "drop") == "freeze" and plan.mode != "freeze":
+            raise UsageError(f"--mode freeze, but {args.plan} is a '{plan.mode}' plan",
+                             "pass a freeze plan, or drop --mode freeze")
+        return None, plan
     if not args.method and vision_cli.requested(args):
         return None, None  # the vision tower only
     if not args.method:
@@ -151,7 +155,7 @@ def _decoder_plan(args, vlm, calib):
     n_drop = _n_drop(args, vlm)
     scores = _score(args, vlm, calib, n_drop=n_drop)
     return scores, pipeline.plan_for(vlm, scores, ratio=args.ratio, n_layers=args.n_layers,
-                                     protect=args.protect)
+                                     protect=args.protect, mode=getattr(args, "mode", "drop"))
 
 
 def _early_checks(args) -> None:
@@ -167,6 +171,9 @@ def _early_checks(args) -> None:
     vision_cli.early_checks(args)
     budget_cli.early_check(args)
     _check_width_and_recovery(args)
+    from edgevlm.freeze import check_args
+
+    check_args(args)
     check_writable(Path(args.out), args.force)
 
 
@@ -223,6 +230,10 @@ def cmd_prune(args) -> int:
         plan, _, _ = _prune_stage(args, vlm, calib, tmp)
     if args.axis == "width":
         print(f"pruned model: {args.out}/pruned (width, {plan.summary()})")
+        return 0
+    if plan.mode == "freeze":
+        print(f"frozen model: {args.out}/pruned (all {plan.n_layers} layers kept; visual tokens "
+              f"frozen in {plan.layers}; edgevlm's loader and the ONNX export apply it)")
         return 0
     print(f"pruned model: {args.out}/pruned ({len(plan.kept)} of {plan.n_layers} layers kept; "
           f"removed {plan.layers}" + (f"; compensated, rank {plan.compensation['k']})"

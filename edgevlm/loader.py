@@ -193,7 +193,12 @@ def load(name: str = DEFAULT_MODEL, *, device: str = "cpu", device_map: str | No
         model.to(device)
     model.eval()
     processor = load_processor(path, adapter)
-    return LoadedVLM(model=model, processor=processor, adapter=adapter, name=name, path=Path(path))
+    vlm = LoadedVLM(model=model, processor=processor, adapter=adapter, name=name, path=Path(path))
+    from edgevlm.freeze import FREEZE_CONFIG_KEY, install
+
+    if getattr(model.config, FREEZE_CONFIG_KEY, None):
+        install(vlm)  # ShortV freeze recorded in config.json (stock from_pretrained ignores it)
+    return vlm
 
 
 def _check_processor_files(path: Path) -> None:

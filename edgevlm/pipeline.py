@@ -31,13 +31,14 @@ def score_model(vlm, calib, method: str, *, tokens: str | None = None, batch_siz
                         batch_size=batch_size, progress=not ui.QUIET, **options)
 
 
-def plan_for(vlm, scores: LayerScores, *, ratio=None, n_layers=None, protect=None) -> PrunePlan:
+def plan_for(vlm, scores: LayerScores, *, ratio=None, n_layers=None, protect=None,
+             mode: str = "drop") -> PrunePlan:
     from edgevlm.plan import make_plan
 
     text_config = vlm.config.get_text_config()
     return make_plan(scores, ratio=ratio, n_layers=n_layers, protect=protect,
                      layer_types=getattr(text_config, "layer_types", None),
-                     layer_period=vlm.adapter.layer_period)
+                     layer_period=vlm.adapter.layer_period, mode=mode)
 
 
 def write_scores(out: Path, scores: LayerScores, plan: PrunePlan | None = None) -> None:
@@ -52,7 +53,13 @@ def write_scores(out: Path, scores: LayerScores, plan: PrunePlan | None = None) 
 def prune_and_save(vlm, plan: PrunePlan, out: Path) -> Path:
     from edgevlm.prune import prune_, save_pruned
 
-    if plan.layers or not plan.vision:
+    if plan.mode == "freeze":
+        from edgevlm.freeze import record_
+
+        record_(vlm, plan)
+        info(f"froze visual tokens in layers {plan.layers} ({len(plan.layers)} of "
+             f"{plan.n_layers}); all layers remain")
+    elif plan.layers or not plan.vision:
         prune_(vlm, plan)
         info(f"removed layers {plan.layers} ({len(plan.layers)} of {plan.n_layers}); "
              f"{len(plan.kept)} remain")
@@ -103,6 +110,8 @@ def export_name(model: str, plan: PrunePlan | None) -> str:
         if not plan.layers:
             return stem
     amount = f"{round(plan.ratio * 100)}" if plan.ratio else f"-{len(plan.layers)}layers"
+    if plan.mode == "freeze":
+        return f"{stem}-freeze-{plan.method}{amount}"
     return f"{stem}-{plan.method}{amount}"
 
 

@@ -54,15 +54,21 @@ def parse_protect(spec: str | list | None, n_total: int) -> list[int]:
 
 def make_plan(scores: LayerScores, *, ratio: float | None = None, n_layers: int | None = None,
               protect=None, layer_types: list[str] | None = None,
-              layer_period: int | None = None) -> PrunePlan:
+              layer_period: int | None = None, mode: str = "drop") -> PrunePlan:
     """Drop the n least important layers (one-shot). `angular` scores give the best
-    contiguous block; families with a local/global attention period (Gemma 3) keep it."""
+    contiguous block; families with a local/global attention period (Gemma 3) keep it.
+    mode 'freeze' (ShortV): the n least important layers are frozen for visual tokens
+    instead; nothing is removed, so no attention pattern constrains the choice."""
     total = scores.n_layers
     n = layers_to_drop(total, ratio, n_layers)
     protected = parse_protect(protect, total)
     if len(protected) + n > total:
         raise UsageError(f"cannot remove {n} layers with {len(protected)} of {total} protected",
                          "protect fewer layers or remove fewer")
+    if mode == "freeze":
+        frozen = [i for i in scores.ascending() if i not in protected][:n]
+        return PrunePlan(method=scores.method, n_layers=total, layers=sorted(frozen), mode="freeze",
+                         ratio=ratio, protected=protected, scores=list(scores.scores)).validate()
     if scores.method == "angular":
         dropped = _best_block(scores, n, protected, layer_types, layer_period)
     elif layer_period and layer_types:

@@ -27,6 +27,8 @@ POSITION_START = {"gemma3": 1}
 # Batching tiles buys nothing on a CPU (one 512 px tile is already 1,024 rows per matmul).
 VISION_TILE_CHUNK = 1
 TILE_KEYS = ("pixel_values", "pixel_attention_mask")  # processor outputs indexed by tile
+# ShortV freeze prefill graph (export/onnx_export/freeze_prefill.py), if the export has one.
+FREEZE_PREFILL = "decoder_model_merged_prefill_freeze"
 
 
 @dataclass
@@ -67,7 +69,10 @@ class OnnxVLM:
 
     def __init__(self, folder: str | Path, *, quant: str = "none", vision_quant: str = "none",
                  threads: int | None = None, providers=None, share_buffer: bool | None = None,
-                 tile_chunk: int | None = VISION_TILE_CHUNK):
+                 tile_chunk: int | None = VISION_TILE_CHUNK, freeze: bool = True):
+        """`freeze`: prefill prompts with image tokens through the ShortV freeze prefill graph
+        when the export has one (`decoder_model_merged_prefill_freeze*.onnx`); False runs the
+        normal decoder for prefill too."""
         folder = Path(folder)
         self.tile_chunk = tile_chunk
         self.folder = folder
@@ -92,6 +97,9 @@ class OnnxVLM:
                                             or text["hidden_size"] // text["num_attention_heads"]),
                                threads=threads, providers=providers, share_buffer=share_buffer)
         self.has_position_ids = self.decoder.has_position_ids
+        freeze_path = onnx_dir / f"{FREEZE_PREFILL}{SUFFIX[quant]}.onnx"
+        self.freeze_prefill = (session(freeze_path, threads, providers)
+                               if freeze and freeze_path.exists() else None)
 
     # --- pieces ------------------------------------------------------------------------
     def encode_image(self, inputs: dict) -> np.ndarray:
@@ -140,8 +148,38 @@ class OnnxVLM:
         embeds = self.embeddings(input_ids, features)
         positions, delta = self.prompt_positions(input_ids, inputs)
         cache = self.decoder.cache(max_len=input_ids.shape[1] + max_new_tokens + 1)
-        logits = cache.run(embeds, positions)
+        if self.freeze_prefill is not None and features is not None:
+            logits, present = self._run_freeze(input_ids, inputs, embeds)
+            cache.load(present)
+        else:
+            logits = cache.run(embeds, positions)
         return DecodeState(cache, input_ids.shape[1], delta, features), logits
+
+    # --- ShortV freeze prefill ---------------------------------------------------------
+    def _run_freeze(self, input_ids, inputs, embeds):
+        """The freeze prefill graph on a whole prompt: (last logits, present KV list)."""
+        if self.family in ("qwen2-vl", "qwen2.5-vl"):
+            positions = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"),
+                                           self.config)[:, None, :]
+        else:
+            start = POSITION_START.get(self.family, 0)
+            positions = np.arange(start, start + input_ids.shape[1], dtype=np.int64)[None]
+        text_rows = np.nonzero(input_ids[0] != self.image_token_id)[0].astype(np.int64)
+        outputs = self.freeze_prefill.run(None, {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+            "text_positions": text_rows})
+        names = [o.name for o in self.freeze_prefill.get_outputs()]
+        present = {"past_key_values." + name[len("present."):]: value
+                   for name, value in zip(names, outputs, strict=True) if name.startswith("present.")}
+        return outputs[0].reshape(-1, outputs[0].shape[-1])[-1], present
+
+    def freeze_prefill_outputs(self, inputs: dict):
+        """Image features -> embeddings -> freeze prefill graph: (last logits, present KV by
+        the decode graph's past names, `past_key_values.{i}.key/value`), for checking it."""
+        input_ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+        features = self.encode_tiles(inputs) if "pixel_values" in inputs and self.vision else None
+        return self._run_freeze(input_ids, inputs, self.embeddings(input_ids, features))
 
     def step(self, state: DecodeState, token: int) -> np.ndarray:
         """Append one token; returns the next logits."""
@@ -248,7 +286,9 @@ class KVCache:
         self.binding = decoder.session.io_binding()
         shape = (1, decoder.kv_heads, max_len, decoder.head_dim)
         if decoder.share_buffer:
-            self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+            # OrtValues over numpy arrays share their memory: `load` writes through `arrays`.
+            self.arrays = {n: np.zeros(shape, np.float32) for n in decoder.past_names}
+            self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(self.arrays[n])
                             for n in decoder.past_names}
             for past, present in zip(decoder.past_names, decoder.present_names, strict=True):
                 self.binding.bind_ortvalue_input(past, self.buffers[past])
@@ -262,6 +302,25 @@ class KVCache:
                             if decoder.share_buffer and isinstance(vocab, int) else None)
         if self.step_logits is not None:
             self.step_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
+
+    def load(self, present: dict) -> None:
+        """Start from a prompt's KV cache computed elsewhere (the freeze prefill graph):
+        `present` maps each of the decoder's past names to (1, kv_heads, length, head_dim)."""
+        names = self.decoder.past_names
+        if set(present) != set(names):
+            raise ValueError(f"KV cache names differ: got {sorted(present)[:2]}..., the decoder "
+                             f"takes {names[:2]}...")
+        length = present[names[0]].shape[2]
+        if self.length or length > self.max_len:
+            raise ValueError(f"cannot load {length} cached tokens into a cache of "
+                             f"{self.max_len} holding {self.length}")
+        if self.decoder.share_buffer:
+            for name in names:
+                self.arrays[name][:, :, :length] = present[name]
+        else:
+            self.past = {name: np.ascontiguousarray(present[name], dtype=np.float32)
+                         for name in names}
+        self.length = length
 
     def run(self, embeds: np.ndarray, positions) -> np.ndarray:
         """One decoder call (prefill or a decode step); returns logits (vocab,) at the end."""

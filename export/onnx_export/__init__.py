@@ -81,7 +81,11 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
     dest = out_root / "onnx"
     graphs = dest / "onnx"
     quants = ["none"] if quant == "none" else ["none", quant]
-    steps = ["files", "vision", "embed", *[f"decoder {q}" for q in quants], "verify"]
+    from edgevlm.freeze import installed_layers
+
+    frozen = installed_layers(vlm)  # ShortV: a separate prefill graph (freeze_prefill.py)
+    steps = ["files", "vision", "embed", *[f"decoder {q}" for q in quants],
+             *(["freeze prefill"] if frozen else []), "verify"]
     bar = tqdm(total=len(steps), desc="onnx export", disable=not progress, unit="step")
     scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=out_root if out_root.exists() else None))
     files = []  # (path, role, dtype)
@@ -109,12 +113,24 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
         else:
             arch = write_text_checkpoint(vlm, model_dir, scratch / "text")
             _builder_decoders(scratch, dest, graphs, quants, files, bar)
+        freeze_io = None
+        if frozen:
+            from edgevlm.export.onnx_export import freeze_prefill
+
+            bar.set_postfix_str("freeze prefill (torch.onnx)")
+            freeze_io = freeze_prefill.export_all(vlm, scratch, graphs, quants, files, _role)
+            bar.update()
         io_spec = _io_spec(vlm, graphs, vision_io, embed_io, arch)
+        if freeze_io:
+            io_spec["decoder_prefill_freeze"] = freeze_io
         parity = {}
         if verify:
             bar.set_postfix_str("verify")
             parity = verify_export(vlm, dest, samples or _default_samples(), quants, vision_quant,
                                    gen_tokens)
+            if freeze_io:
+                parity["freeze_prefill"] = freeze_prefill.verify_freeze_prefill(
+                    vlm, dest, samples or _default_samples())
         bar.update()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -126,7 +142,7 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
         files=[file_entry(out_root, p, role, dtype) for p, role, dtype in files],
         base_model=_base_model(model_dir),
         family=family,
-        plan=json.loads((model_dir / "config.json").read_text()).get("edgevlm_plan"),
+        plan=_plan_record(model_dir),
         quantization={"decoder": quant, "vision_encoder": vision_quant,
                       "decoder_method": (BUILDER_METHOD if io_spec["decoder"]["path"] == "genai-builder"
                                          else TORCH_METHOD)[quant],
@@ -202,6 +218,18 @@ def _default_samples():
     from edgevlm.calib import load_calibration
 
     return load_calibration("builtin:8", seed=0).heldout[:DEFAULT_SAMPLES]
+
+
+def _plan_record(model_dir: Path) -> dict | None:
+    """The checkpoint's plan record; a ShortV freeze record as a plan of mode 'freeze'."""
+    from edgevlm.freeze import FREEZE_CONFIG_KEY
+
+    config = json.loads((model_dir / "config.json").read_text())
+    plan = config.get("edgevlm_plan")
+    freeze = config.get(FREEZE_CONFIG_KEY)
+    if freeze:
+        plan = dict(plan or {}, freeze=freeze)
+    return plan
 
 
 def _base_model(model_dir: Path) -> str:

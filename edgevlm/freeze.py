@@ -1,0 +1,329 @@
+"""ShortV freezing (docs/methods.md section 4): in frozen decoder layers the visual tokens
+skip the layer's query, output projection and MLP (their hidden states pass through
+unchanged) but still provide keys and values, so text tokens attend to them.
+
+The frozen layers are recorded in the checkpoint's config.json under `edgevlm_freeze`
+(`{"layers": [...], "method": "lc", "ratio": 0.6, "n_layers": N, "tokens": "visual"}`);
+nothing is removed. `edgevlm.loader.load` installs the freeze forward when it finds the
+record; stock `from_pretrained` ignores it and runs the normal forward.
+
+The freeze forward does the saving for real: a frozen layer gathers the rows that need work
+(text rows) before the query projection, the output projection and the MLP, computes keys
+and values for every row, and scatters the new text rows back into the unchanged hidden
+states. The same code is what `export/onnx_export/freeze_prefill.py` traces into the ONNX
+prefill graph, so there the Q / O / MLP matrix products run over the text rows only.
+
+Which rows are visual comes from the prompt's image-token ids (`ArchAdapter.visual_mask`),
+read from `input_ids` by a pre-hook on the model's forward: a call without image tokens
+(every decode step) runs every layer normally. Batches: a row index is computed if it is a
+text token in any sequence of the batch, and its result is kept only where it is text.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from edgevlm.errors import UnsupportedModelError, UsageError
+
+FREEZE_CONFIG_KEY = "edgevlm_freeze"
+
+
+class FreezeState:
+    """What the frozen layers of one model need during one forward: the rows to compute
+    (1-D int64 indices into the sequence) and, for batches where those rows are not text in
+    every sequence, which of them to keep (bool, batch x rows). rows None: run normally."""
+
+    def __init__(self):
+        self.rows = None
+        self.keep = None
+
+    def set(self, rows, keep=None) -> None:
+        self.rows, self.keep = rows, keep
+
+    def clear(self) -> None:
+        self.rows = self.keep = None
+
+
+def freeze_record(plan) -> dict:
+    """The config.json record of a freeze plan (a PrunePlan with mode 'freeze')."""
+    return {"layers": sorted(plan.layers), "n_layers": plan.n_layers, "method": plan.method,
+            "ratio": plan.ratio, "tokens": "visual"}
+
+
+def frozen_layers(config) -> list[int]:
+    """Frozen layer indices recorded in a (transformers) config, [] if none."""
+    record = getattr(config, FREEZE_CONFIG_KEY, None)
+    if isinstance(config, dict):
+        record = config.get(FREEZE_CONFIG_KEY)
+    return list((record or {}).get("layers") or [])
+
+
+def record_(vlm, plan) -> None:
+    """Record a freeze plan in the model's config (saved with it); nothing else changes."""
+    plan.validate()
+    n = vlm.adapter.num_layers(vlm.config)
+    if plan.mode != "freeze":
+        raise UsageError(f"plan mode '{plan.mode}' is not a freeze plan", "use --mode freeze")
+    if plan.n_layers != n:
+        raise UsageError(f"freeze plan is for {plan.n_layers} layers, the model has {n}",
+                         "make the plan on the model it is applied to")
+    setattr(vlm.model.config, FREEZE_CONFIG_KEY, freeze_record(plan))
+
+
+def install(vlm, layers: list[int] | None = None) -> FreezeState:
+    """Make `layers` (default: the ones recorded in the config) of vlm's decoder frozen for
+    visual tokens, in place. Idempotent per model; returns the shared state."""
+    model, adapter = vlm.model, vlm.adapter
+    layers = frozen_layers(model.config) if layers is None else sorted(layers)
+    decoder = adapter.layers(model)
+    bad = [i for i in layers if not 0 <= i < len(decoder)]
+    if bad:
+        raise UsageError(f"freeze record names layers {bad} outside 0..{len(decoder) - 1}",
+                         "was the checkpoint's layer count changed after freezing?")
+    state = getattr(model, "_edgevlm_freeze_state", None)
+    if state is None:
+        state = FreezeState()
+        model._edgevlm_freeze_state = state
+        model._edgevlm_freeze_hooks = [
+            model.register_forward_pre_hook(_make_pre_hook(vlm, state), with_kwargs=True),
+            model.register_forward_hook(lambda *a, **k: state.clear(), always_call=True),
+        ]
+    for index, layer in enumerate(decoder):
+        original = getattr(layer, "_edgevlm_original_forward", None)
+        if index in layers and original is None:
+            _check_layer(layer)
+            layer._edgevlm_original_forward = layer.forward
+            layer.forward = _frozen_forward(layer, layer.forward, state)
+        elif index not in layers and original is not None:
+            layer.forward = original
+            del layer._edgevlm_original_forward
+    model._edgevlm_frozen = list(layers)
+    return state
+
+
+def uninstall(vlm) -> None:
+    """Undo `install`: every layer runs its own forward again."""
+    model = vlm.model
+    for layer in vlm.adapter.layers(model):
+        original = getattr(layer, "_edgevlm_original_forward", None)
+        if original is not None:
+            layer.forward = original
+            del layer._edgevlm_original_forward
+    for handle in getattr(model, "_edgevlm_freeze_hooks", []):
+        handle.remove()
+    for name in ("_edgevlm_freeze_state", "_edgevlm_freeze_hooks", "_edgevlm_frozen"):
+        if hasattr(model, name):
+            delattr(model, name)
+
+
+def installed_layers(vlm) -> list[int]:
+    return list(getattr(vlm.model, "_edgevlm_frozen", []))
+
+
+def _make_pre_hook(vlm, state: FreezeState):
+    def pre(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state.clear()
+        if input_ids is None or input_ids.dim() != 2:
+            return
+        visual = vlm.adapter.visual_mask(input_ids, vlm.config)
+        if not bool(visual.any()):
+            return  # text only (every decode step): nothing to freeze
+        state.set(*rows_to_compute(visual))
+    return pre
+
+
+def rows_to_compute(visual):
+    """(rows, keep) for a (batch, seq) visual mask: the sequence positions that are text in
+    at least one sequence, and which of them are text per sequence (None when all are)."""
+    import torch
+
+    text = ~visual
+    rows = torch.nonzero(text.any(0)).squeeze(1)
+    keep = text.index_select(1, rows)
+    return rows, (None if bool(keep.all()) else keep)
+
+
+def _check_layer(layer) -> None:
+    attn = getattr(layer, "self_attn", None)
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim", "layer_idx")
+    if (attn is None or any(not hasattr(attn, n) for n in needed) or not hasattr(layer, "mlp")
+            or not hasattr(layer, "input_layernorm") or not hasattr(layer, "post_attention_layernorm")):
+        raise UnsupportedModelError(
+            f"cannot freeze visual tokens in {type(layer).__name__}: not a Llama/Qwen2/Gemma3-style "
+            "decoder layer (self_attn with q/k/v/o projections, mlp, input/post-attention norms)",
+            "use --mode drop for this model")
+
+
+def _frozen_forward(layer, original, state: FreezeState):
+    signature = inspect.signature(original)
+
+    def forward(*args, **kwargs):
+        if state.rows is None:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        values = dict(bound.arguments)
+        values.update(values.pop("kwargs", {}))
+        return freeze_layer(layer, values["hidden_states"], state.rows, state.keep,
+                            values.get("attention_mask"), values.get("position_embeddings"),
+                            values.get("past_key_values"))
+
+    return forward
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x, cos, sin):
+    """The rotary embedding of these families' decoders (cos/sin: batch x seq x head_dim;
+    Qwen2-VL's M-RoPE sections are already merged into them by its rotary module)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _bias(mask, rows, q_len: int, kv_len: int, dtype):
+    """Additive attention bias (batch or 1, 1, rows, kv_len) for the query rows `rows`."""
+    import torch
+
+    floor = torch.finfo(dtype).min
+    if mask is None:  # causal (transformers skips building a purely causal mask)
+        q_pos = rows + (kv_len - q_len)
+        allowed = torch.arange(kv_len, device=rows.device)[None, :] <= q_pos[:, None]
+        return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), floor, dtype=dtype))[None, None]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise UnsupportedModelError(
+            f"freeze forward got an attention mask of type {type(mask).__name__}",
+            "load the model with attn_implementation='sdpa' or 'eager'")
+    picked = mask.index_select(2, rows)[..., :kv_len]
+    if picked.dtype == torch.bool:
+        return torch.where(picked, torch.zeros((), dtype=dtype), torch.full((), floor, dtype=dtype))
+    return picked.to(dtype)
+
+
+def freeze_layer(layer, hidden, rows, keep, attention_mask, position_embeddings, cache):
+    """One decoder layer with visual rows frozen: the attention queries, the output
+    projection and the MLP run on `rows` only; keys and values on every row."""
+    import torch
+
+    attn = layer.self_attn
+    batch, seq, _ = hidden.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    key = attn.k_proj(normed).view(batch, seq, -1, head_dim).transpose(1, 2)
+    value = attn.v_proj(normed).view(batch, seq, -1, head_dim).transpose(1, 2)
+    picked = normed.index_select(1, rows)
+    n_rows = picked.shape[1]
+    query = attn.q_proj(picked).view(batch, n_rows, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Gemma 3
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    cos, sin = position_embeddings
+    query = _rope(query, cos.index_select(1, rows), sin.index_select(1, rows))
+    key = _rope(key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx)
+    kv_len = key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling
+    scores = scores + _bias(attention_mask, rows, seq, kv_len, scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).transpose(1, 2).reshape(batch, n_rows, -1)
+    out = attn.o_proj(out)
+    residual = hidden.index_select(1, rows)
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: norms around both sublayers
+        mid = residual + layer.post_attention_layernorm(out)
+        new = mid + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(mid)))
+    else:
+        mid = residual + out
+        new = mid + layer.mlp(layer.post_attention_layernorm(mid))
+    if keep is not None:
+        new = torch.where(keep[..., None], new, residual)
+    return hidden.index_copy(1, rows, new)
+
+
+def check_plan_method(method: str | None, options: dict | None = None, tokens: str | None = None) -> None:
+    """Freeze plans come from visual LC (ShortV's criterion)."""
+    if method and method != "lc":
+        raise UsageError(f"--mode freeze chooses layers by visual LC, not '{method}'",
+                         "use --method lc (or --plan with a freeze plan)")
+    if tokens and tokens != "visual":
+        raise UsageError(f"--mode freeze needs LC on visual tokens, not --tokens {tokens}",
+                         "drop --tokens (visual is the default)")
+
+
+def flops_ratio(config, n_tokens: int, n_visual: int, frozen: list[int]) -> dict:
+    """Prefill matrix-multiply FLOPs with and without freezing (projections, attention
+    scores and MLP; embeddings and lm_head excluded): what freezing can save at best."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv = int(getattr(text, "num_key_value_heads", None) or heads)
+    inter = int(text.intermediate_size)
+    layers = int(text.num_hidden_layers)
+
+    def layer_flops(rows: int) -> float:
+        q_o = 2 * rows * hidden * heads * head_dim * 2
+        k_v = 2 * n_tokens * hidden * kv * head_dim * 2
+        attn = 2 * rows * n_tokens * heads * head_dim * 2 / 2  # causal: half on average
+        mlp = 2 * rows * hidden * inter * 3
+        return q_o + k_v + attn + mlp
+
+    full = layers * layer_flops(n_tokens)
+    frozen_total = (layers - len(frozen)) * layer_flops(n_tokens) + len(frozen) * layer_flops(
+        n_tokens - n_visual)
+    return {"full_gflops": full / 1e9, "freeze_gflops": frozen_total / 1e9,
+            "ideal_speedup": full / frozen_total}
+
+
+GGUF_REFUSAL = ("GGUF cannot freeze visual tokens (ShortV --mode freeze): llama.cpp has no "
+                "prefill graph that skips them; use --target onnx")
+
+
+def refuse_gguf(model_config) -> None:
+    """UnsupportedModelError (exit 2, one line) when a model to be written as GGUF has frozen
+    layers: `model_config` is a transformers config, a config.json dict, a checkpoint folder
+    or None."""
+    import json
+
+    if model_config is None:
+        return
+    if isinstance(model_config, (str, Path)):
+        path = Path(model_config) / "config.json"
+        if not path.exists():
+            return
+        model_config = json.loads(path.read_text())
+    if frozen_layers(model_config):
+        raise UnsupportedModelError(GGUF_REFUSAL)
+
+
+def check_args(args) -> None:
+    """CLI checks of --mode freeze before any work (prune/export)."""
+    from edgevlm.types import PrunePlan
+
+    mode = getattr(args, "mode", "drop")
+    plan_mode = None
+    if getattr(args, "plan", None) and Path(args.plan).exists():
+        plan_mode = PrunePlan.load(args.plan).mode
+    if mode != "freeze" and plan_mode != "freeze":
+        return
+    if getattr(args, "target", None) == "gguf":
+        raise UnsupportedModelError(GGUF_REFUSAL)
+    if getattr(args, "axis", "layers") == "width":
+        raise UsageError("--mode freeze keeps every layer whole; --axis width narrows them",
+                         "use one of them")
+    if getattr(args, "compensate", None):
+        raise UsageError("--compensate repairs removed blocks, and --mode freeze removes none",
+                         "drop --compensate")
+    if getattr(args, "recover", None):
+        raise UsageError("--recover heals removed layers' loss, and --mode freeze removes none",
+                         "drop --recover")
+    if mode == "freeze" and not getattr(args, "plan", None):
+        check_plan_method(args.method, tokens=getattr(args, "tokens", None))
+
