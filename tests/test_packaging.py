@@ -184,10 +184,14 @@ def test_no_module_shadows_a_dependency():
 
 
 def test_runtimes_and_devices_import_without_torch():
+    """A device install has no torch: edgevlm, its Python API module, and every module of
+    edgevlm.runtimes and edgevlm.devices import without it."""
     code = (
         "import sys\n"
         "for m in ('torch', 'transformers'): sys.modules[m] = None\n"
         "import importlib, pkgutil\n"
+        "import edgevlm, edgevlm.api\n"
+        "assert callable(edgevlm.bench) and callable(edgevlm.run) and edgevlm.OnnxExport\n"
         "import edgevlm.runtimes, edgevlm.devices\n"
         "for pkg in (edgevlm.runtimes, edgevlm.devices):\n"
         "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
