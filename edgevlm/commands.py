@@ -281,9 +281,10 @@ def cmd_eval(args) -> int:
         if n_pruned >= n_base:
             raise UsageError("the pruned model has as many layers as the base",
                              "a random baseline needs a pruned model with fewer layers")
+        protected = (getattr(pruned.config, "edgevlm_plan", None) or {}).get("protected", [])
         result["random_baseline"] = random_baseline(base, n_base - n_pruned, samples, k,
                                                     seed=args.seed, batch_size=args.batch_size,
-                                                    accuracy=with_answers)
+                                                    accuracy=with_answers, protected=protected)
     _print_eval(result, n_base, n_pruned)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

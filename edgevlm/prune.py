@@ -44,7 +44,7 @@ def prune_(vlm, plan: PrunePlan) -> None:
                 module.layer_idx = new_idx
     _slice_config(text_config, kept, plan.n_layers, adapter.per_layer_config_keys)
     record = {"method": plan.method, "ratio": plan.ratio, "original_layers": plan.n_layers,
-              "dropped": plan.layers, "kept": kept}
+              "dropped": plan.layers, "kept": kept, "protected": list(plan.protected)}
     if plan.compensation:
         record["compensation"] = plan.compensation
     setattr(model.config, PLAN_CONFIG_KEY, record)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import random
 
@@ -307,7 +308,8 @@ def test_cli_plan_replay_keeps_the_gemma_pattern(tmp_path, capsys):
 
 def test_eval_judges_only_heldout_samples(tmp_path, monkeypatch, capsys):
     """Every sample `eval` judges (fidelity, accuracy, random baseline) is held out: none
-    of the calibration's scoring samples, which chose the plan."""
+    of the calibration's scoring samples, which chose the plan. The random plans keep the
+    layers the pruned model's plan protected."""
     import edgevlm.accuracy
     import edgevlm.fidelity
     from edgevlm import pipeline
@@ -329,11 +331,13 @@ def test_eval_judges_only_heldout_samples(tmp_path, monkeypatch, capsys):
     for module, name in ((edgevlm.fidelity, "fidelity"), (edgevlm.fidelity, "random_baseline"),
                          (edgevlm.accuracy, "task_accuracy")):
         monkeypatch.setattr(module, name, recording(getattr(module, name)))
-    from conftest import pruned_checkpoint
-
-    pruned = pruned_checkpoint("qwen2-vl", [1, 4], tmp_path / "pruned")
+    vlm = _copy(load_tiny("qwen2-vl"))
+    prune_(vlm, PrunePlan("bi", 8, [1, 4], protected=[0, 2, 3, 5, 6]))
+    pruned = save_pruned(vlm, tmp_path / "pruned")
     assert main(["-q", "eval", "tiny:qwen2-vl", str(pruned), "--calib", "builtin:6",
-                 "--baseline", "random:1"]) == 0
+                 "--baseline", "random:3", "--json", str(tmp_path / "eval.json")]) == 0
+    runs = json.loads((tmp_path / "eval.json").read_text())["random_baseline"]["runs"]
+    assert len(runs) == 3 and all(set(r["dropped"]) <= {1, 4, 7} for r in runs)
     (calib,) = calibs
     assert seen and calib.scoring and calib.heldout
     assert all(any(s is h for h in calib.heldout) for s in seen)
