@@ -34,10 +34,10 @@ def _load(args, name: str, **kw):
 
 def cmd_list(args) -> int:
     if args.what == "families":
-        from edgevlm.adapters import ADAPTERS
+        from edgevlm.runtimes.families import TABLE
 
-        for a in ADAPTERS:
-            print(f"{a.family:12s} {a.hf_class:36s} gguf {a.gguf_text_arch}/{a.gguf_projector}")
+        for f in TABLE:
+            print(f"{f.name:12s} {f.hf_class:36s} gguf {f.gguf_text_arch}/{f.gguf_projector}")
     elif args.what == "methods":
         from edgevlm.scoring import SCORERS
 

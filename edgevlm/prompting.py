@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from edgevlm.runtimes.families import user_turn
+
 
 def chat_text(processor, prompt: str, answer: str | None = None) -> str:
     """The chat-formatted prompt for one image + text turn, optionally followed by an answer."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True, tokenize=False)
     return text + answer if answer else text
 
 

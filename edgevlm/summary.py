@@ -11,7 +11,8 @@ def _count(module) -> int:
 
 
 def describe(name: str, seed: int = 0) -> dict:
-    """Family, layer counts, parameters per part, image tokens per image, targets."""
+    """Family, layer counts, parameters per part, image tokens per image, targets; the family
+    facts (class, targets, notes, known defects) are the family table's, via the adapter."""
     import torch
     from PIL import Image
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -59,6 +60,7 @@ def describe(name: str, seed: int = 0) -> dict:
         "targets": [t for t in adapter.targets if t in TARGETS],
         "pruned": plan,
         "notes": adapter.notes,
+        "known_defects": dict(adapter.known_defects),
     }
 
 
@@ -87,6 +89,8 @@ def format_summary(info: dict) -> str:
                      f"of {p.get('original_layers')} layers")
     if info["notes"]:
         lines.append(f"notes            {info['notes']}")
+    for target, defect in (info.get("known_defects") or {}).items():
+        lines.append(f"known defect     {target}: {defect}")
     return "\n".join(lines)
 
 

@@ -19,23 +19,18 @@ from edgevlm.types import LayerScores, PrunePlan
 
 VISION_PLAN_CONFIG_KEY = "edgevlm_vision_plan"
 
-# Encoder layers, relative to the adapter's vision tower module.
-_LAYERS_PATH = {"qwen2-vl": "blocks", "qwen2.5-vl": "blocks", "smolvlm": "encoder.layers",
-                "llava": "encoder.layers", "gemma3": "encoder.layers"}
-
-
 def vision_layers(adapter, model):
     """The vision encoder's layers (nn.ModuleList)."""
     from edgevlm.adapters import get_path
 
-    return get_path(adapter.vision(model), _LAYERS_PATH[adapter.family])
+    return get_path(adapter.vision(model), adapter.vision_layers)
 
 
 def vision_layers_owner(adapter, model):
     """The module holding the encoder's layer list, and the list's attribute name."""
     from edgevlm.adapters import get_path
 
-    owner, _, name = _LAYERS_PATH[adapter.family].rpartition(".")
+    owner, _, name = adapter.vision_layers.rpartition(".")
     tower = adapter.vision(model)
     return (get_path(tower, owner) if owner else tower), name
 

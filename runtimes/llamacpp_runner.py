@@ -16,6 +16,7 @@ import numpy as np
 
 from edgevlm.errors import EdgeVLMError, UsageError
 from edgevlm.runtimes.base import Runner, Trace
+from edgevlm.runtimes.families import user_turn
 from edgevlm.runtimes.image_budget import check_llamacpp_count, llamacpp_image_max_tokens
 from edgevlm.runtimes.measure import phase
 from edgevlm.runtimes.preprocess.prompt import compile_template
@@ -77,8 +78,7 @@ def native_error(what: str, fix: str) -> EdgeVLMError:
 def render_chat(template, prompt: str, *, bos: str = "", eos: str = "") -> str:
     """One user turn (image, then text), ready for the answer, rendered by a chat template
     compiled as transformers compiles it (`compile_template`)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return template.render(messages=messages, tools=None, documents=None,
+    return template.render(messages=user_turn(prompt), tools=None, documents=None,
                            add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-FAMILY_OF_MODEL_TYPE = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "smolvlm": "smolvlm",
-                        "idefics3": "smolvlm", "llava": "llava", "gemma3": "gemma3"}
-SUFFIX = {"none": "", "int8": "_quantized", "q4": "_q4"}
-# transformers.js counts Gemma 3's positions from 1 (rotary: only differences matter).
-POSITION_START = {"gemma3": 1}
+from . import families
+
+# family -> first position id (the family table's onnx_position_start, where not 0).
+POSITION_START = {f.name: f.onnx_position_start for f in families.TABLE if f.onnx_position_start}
 # Tiles per vision-encoder call: peak memory grows with this, not with the image's tiles.
 # Batching tiles buys nothing on a CPU (one 512 px tile is already 1,024 rows per matmul).
 VISION_TILE_CHUNK = 1
@@ -77,11 +76,13 @@ class OnnxVLM:
         self.tile_chunk = tile_chunk
         self.folder = folder
         self.config = json.loads((folder / "config.json").read_text())
-        self.family = FAMILY_OF_MODEL_TYPE.get(self.config.get("model_type"), "")
+        spec = families.for_config(self.config)
+        self.family = spec.name if spec else ""
+        self.mrope = bool(spec and spec.mrope)
         text = self.config.get("text_config", self.config)
-        self.image_token_id = _image_token_id(self.config)
+        self.image_token_id = families.image_token_id(self.config)
         onnx_dir = folder / "onnx"
-        vision = onnx_dir / f"vision_encoder{SUFFIX[vision_quant]}.onnx"
+        vision = onnx_dir / families.onnx_graph("vision_encoder", vision_quant)
         # The small graphs run right before the decoder: their idle threads must not spin on
         # the cores the decoder needs next.
         quiet = {"session.intra_op.allow_spinning": "0"}
@@ -91,13 +92,13 @@ class OnnxVLM:
         self.vision = (session(vision, threads, providers, quiet, arena=False)
                        if vision.exists() else None)
         self.embed = session(onnx_dir / "embed_tokens.onnx", threads, providers, quiet)
-        self.decoder = Decoder(onnx_dir / f"decoder_model_merged{SUFFIX[quant]}.onnx",
+        self.decoder = Decoder(onnx_dir / families.onnx_graph("decoder_model_merged", quant),
                                kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
                                head_dim=int(text.get("head_dim")
                                             or text["hidden_size"] // text["num_attention_heads"]),
                                threads=threads, providers=providers, share_buffer=share_buffer)
         self.has_position_ids = self.decoder.has_position_ids
-        freeze_path = onnx_dir / f"{FREEZE_PREFILL}{SUFFIX[quant]}.onnx"
+        freeze_path = onnx_dir / families.onnx_graph(FREEZE_PREFILL, quant)
         self.freeze_prefill = (session(freeze_path, threads, providers)
                                if freeze and freeze_path.exists() else None)
 
@@ -158,7 +159,7 @@ class OnnxVLM:
     # --- ShortV freeze prefill ---------------------------------------------------------
     def _run_freeze(self, input_ids, inputs, embeds):
         """The freeze prefill graph on a whole prompt: (last logits, present KV list)."""
-        if self.family in ("qwen2-vl", "qwen2.5-vl"):
+        if self.mrope:
             positions = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"),
                                            self.config)[:, None, :]
         else:
@@ -216,7 +217,7 @@ class OnnxVLM:
         the M-RoPE offset that continues them during decode."""
         if not self.has_position_ids:
             return None, 0
-        if self.family in ("qwen2-vl", "qwen2.5-vl"):
+        if self.mrope:
             pos = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"), self.config)
             return pos[:, None, :], int(pos.max()) + 1 - input_ids.shape[1]
         start = POSITION_START.get(self.family, 0)
@@ -225,7 +226,7 @@ class OnnxVLM:
     def step_positions(self, pos: int, delta: int):
         if not self.has_position_ids:
             return None
-        if self.family in ("qwen2-vl", "qwen2.5-vl"):
+        if self.mrope:
             return np.full((3, 1, 1), pos + delta, dtype=np.int64)
         return np.array([[pos + delta]], dtype=np.int64)
 
@@ -355,13 +356,6 @@ class KVCache:
         return logits.reshape(-1, logits.shape[-1])[-1]
 
 
-def _image_token_id(config: dict) -> int | None:
-    for key in ("image_token_id", "image_token_index"):
-        if config.get(key) is not None:
-            return int(config[key])
-    return None
-
-
 # --- feeding the vision encoder (what transformers.js feeds it) ----------------------------
 def vision_inputs(family: str, config: dict, inputs: dict) -> dict:
     """Vision-encoder feeds from processor outputs (numpy), as transformers.js 4 feeds them:
@@ -375,7 +369,7 @@ def vision_inputs(family: str, config: dict, inputs: dict) -> dict:
                 else np.asarray(mask).reshape(*pv.shape[:2], *pv.shape[-2:]).astype(bool))
         return {"pixel_values": pv, "pixel_attention_mask": mask}
     if family in ("qwen2-vl", "qwen2.5-vl"):
-        grid = "image_grid_thw" if family == "qwen2.5-vl" else "grid_thw"
+        grid = families.family(family).onnx_vision_inputs[1]  # Qwen2-VL: grid_thw
         return {"pixel_values": pv, grid: np.asarray(inputs["image_grid_thw"], dtype=np.int64)}
     return {"pixel_values": pv}
 
@@ -383,7 +377,7 @@ def vision_inputs(family: str, config: dict, inputs: dict) -> dict:
 def mrope_position_ids(input_ids: np.ndarray, image_grid_thw, config: dict) -> np.ndarray:
     """Qwen2-VL/2.5-VL 3-D (temporal, height, width) position ids (3, S) for one prompt."""
     merge = int(config["vision_config"].get("spatial_merge_size", 2))
-    image_id = _image_token_id(config)
+    image_id = families.image_token_id(config)
     grids = iter(np.asarray(image_grid_thw).reshape(-1, 3).tolist() if image_grid_thw is not None else [])
     is_image = input_ids == image_id
     out, pos, i, n = [], 0, 0, len(input_ids)

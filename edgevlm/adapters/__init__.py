@@ -1,10 +1,12 @@
-"""Model-family adapters, registered by family name and looked up by config.model_type."""
+"""Model-family adapters: one per entry of the family table (edgevlm.runtimes.families),
+registered by family name and looked up by config.model_type."""
 
 from __future__ import annotations
 
 from edgevlm.adapters.base import ArchAdapter, get_path
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.registry import Registry
+from edgevlm.runtimes import families
 
 ADAPTERS: Registry[ArchAdapter] = Registry("model family")
 
@@ -15,20 +17,18 @@ def register(adapter: ArchAdapter) -> ArchAdapter:
 
 
 def adapter_for_config(config) -> ArchAdapter:
-    """The adapter whose model_types include config.model_type, or a clear error."""
-    model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
-    supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
+    """The adapter of config.model_type's family, or a clear error."""
+    spec = families.for_config(config)
+    if spec is not None:
+        return ADAPTERS.get(spec.name)
     raise UnsupportedModelError(
-        f"unsupported architecture '{model_type}' "
+        f"unsupported architecture '{getattr(config, 'model_type', None)}' "
         f"({', '.join(getattr(config, 'architectures', None) or ['?'])})",
-        f"edgevlm supports: {supported}",
+        f"edgevlm supports: {families.supported()}",
     )
 
 
-# Importing the family modules registers them.
-from edgevlm.adapters import gemma3, llava, qwen2_vl, smolvlm  # noqa: E402,F401
+for _spec in families.TABLE:
+    register(ArchAdapter.of(_spec))
 
 __all__ = ["ADAPTERS", "ArchAdapter", "adapter_for_config", "get_path", "register"]

@@ -1,9 +1,11 @@
-"""ArchAdapter: what edgevlm needs to know about one VLM family, mostly as data."""
+"""ArchAdapter: a family's table entry (edgevlm.runtimes.families) plus module access."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
+
+from edgevlm.runtimes.families import Family
 
 
 def get_path(root: Any, path: str) -> Any:
@@ -15,28 +17,20 @@ def get_path(root: Any, path: str) -> Any:
 
 
 @dataclass(frozen=True)
-class ArchAdapter:
-    """Where things live in one family's transformers model, and how it exports.
+class ArchAdapter(Family):
+    """Where things live in one family's transformers model: the facts are the family
+    table's (`Family`), this class adds what needs the model or torch."""
 
-    Paths are dotted attribute paths from the top-level *ForConditionalGeneration module.
-    """
-
-    family: str  # registry name, e.g. "qwen2-vl"
-    model_types: tuple[str, ...]  # config.model_type values this adapter handles
-    hf_class: str  # transformers class name
-    text_model: str  # decoder stack owner (has .layers, .norm, .embed_tokens)
-    vision_tower: str
-    projector: str
     lm_head: str = "lm_head"
-    image_token_keys: tuple[str, ...] = ("image_token_id",)  # config attrs holding image token ids
-    per_layer_config_keys: tuple[str, ...] = ("layer_types",)  # text-config lists sliced on prune
-    processor_class: str = ""  # processor class name written to processor_config.json
-    layer_period: int | None = None  # local/global attention period that pruning must keep
-    gguf_text_arch: str | None = None
-    gguf_projector: str | None = None
-    targets: tuple[str, ...] = ("onnx", "gguf")
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: Family) -> ArchAdapter:
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(Family)})
+
+    @property
+    def family(self) -> str:
+        """The family name (registry key), e.g. "qwen2-vl"."""
+        return self.name
 
     # --- module access -------------------------------------------------------------
     def layers(self, model):

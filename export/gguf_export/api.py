@@ -13,6 +13,7 @@ from edgevlm.export.gguf_export.source import CheckpointSource, read_config
 from edgevlm.export.gguf_export.tokenizer import tokenizer_plan
 from edgevlm.export.gguf_export.vision import processor_config
 from edgevlm.export.gguf_export.writer import write_gguf
+from edgevlm.runtimes import families
 from edgevlm.types import ExportArtifact
 
 
@@ -229,7 +230,7 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
                       "mmproj_fallback_tensors": mm_facts["fallback"]},
         io={"text_arch": text_facts["arch"], "projector_type": mm_facts["projector"],
             "n_layers": text_facts["n_layers"], "hidden_size": int(tcfg["hidden_size"]),
-            "vocab_size": int(tcfg["vocab_size"]), "image_token_id": _image_token(cfg),
+            "vocab_size": int(tcfg["vocab_size"]), "image_token_id": families.image_token_id(cfg),
             "image": mm_facts["io"], "tokenizer": text_facts["tokenizer"]},
         versions=versions,
         parity=parity,
@@ -241,13 +242,6 @@ def _count(types: dict[str, str]) -> dict[str, int]:
     for kind in types.values():
         counts[kind] = counts.get(kind, 0) + 1
     return counts
-
-
-def _image_token(cfg: dict):
-    for key in ("image_token_id", "image_token_index"):
-        if cfg.get(key) is not None:
-            return int(cfg[key])
-    return None
 
 
 def _llama_build_info(llama_cpp) -> dict:

@@ -1,29 +1,20 @@
-"""Which family module writes which checkpoint (by config.json model_type)."""
+"""Which family module writes which checkpoint: the family table's `gguf_writer`."""
 
 from __future__ import annotations
 
 from edgevlm.errors import UnsupportedModelError
-
-# config.json model_type -> writer module; anything else is refused, never half-written.
-_MODULES = {
-    "smolvlm": "edgevlm.export.gguf_export.smolvlm",
-    "idefics3": "edgevlm.export.gguf_export.smolvlm",
-    "llava": "edgevlm.export.gguf_export.llava",
-    "qwen2_vl": "edgevlm.export.gguf_export.qwen_vl",
-    "qwen2_5_vl": "edgevlm.export.gguf_export.qwen_vl",
-    "gemma3": "edgevlm.export.gguf_export.gemma3",
-}
-_FAMILY = {"smolvlm": "smolvlm", "idefics3": "smolvlm", "llava": "llava",
-           "qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "gemma3": "gemma3"}
+from edgevlm.runtimes import families
 
 
 def family_module(cfg: dict):
-    """(family name, writer module) for a config.json dict."""
+    """(family name, writer module) for a config.json dict; anything else is refused, never
+    half-written."""
     import importlib
 
-    kind = cfg.get("model_type")
-    if kind not in _MODULES:
+    spec = families.for_config(cfg)
+    if spec is None or "gguf" not in spec.targets:
         raise UnsupportedModelError(
-            f"GGUF export does not handle model_type '{kind}' yet",
-            f"GGUF export supports: {', '.join(sorted(set(_FAMILY.values())))}")
-    return _FAMILY[kind], importlib.import_module(_MODULES[kind])
+            f"GGUF export does not handle model_type '{cfg.get('model_type')}' yet",
+            "GGUF export supports: " + ", ".join(
+                sorted(f.name for f in families.TABLE if "gguf" in f.targets)))
+    return spec.name, importlib.import_module(f"edgevlm.export.gguf_export.{spec.gguf_writer}")

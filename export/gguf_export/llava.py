@@ -8,6 +8,7 @@ from __future__ import annotations
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.export.gguf_export import text, vision
 from edgevlm.export.gguf_export.source import LLAVA_STYLE_TEXT, LLAVA_STYLE_VISION, prefix_renamer
+from edgevlm.runtimes import families
 
 TEXT_RENAME = prefix_renamer(LLAVA_STYLE_TEXT)
 VISION_RENAME = prefix_renamer(LLAVA_STYLE_VISION)
@@ -15,12 +16,11 @@ VISION_RENAME = prefix_renamer(LLAVA_STYLE_VISION)
 
 def text_arch(cfg: dict) -> str:
     kind = cfg["text_config"].get("model_type", "llama")
-    if kind in ("llama", "mistral"):
-        return "llama"
-    if kind == "qwen2":
-        return "qwen2"
+    archs = families.family("llava").gguf_text_archs
+    if kind in archs:
+        return archs[kind]
     raise UnsupportedModelError(f"LLaVA with a '{kind}' text model is not handled by the GGUF writer",
-                                "supported LLaVA text models: llama, mistral, qwen2")
+                                f"supported LLaVA text models: {', '.join(archs)}")
 
 
 def text_options(cfg: dict) -> text.TextOptions:

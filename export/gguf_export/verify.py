@@ -10,6 +10,7 @@ import numpy as np
 
 from edgevlm.errors import VerificationError
 from edgevlm.export.gguf_export import llamacpp
+from edgevlm.runtimes import families
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,8 @@ F32_LOGITS_QWEN = 1e-2
 # mmproj: max |llama.cpp - PyTorch| of the image features, divided by max(1, max |features|)
 # (llama.cpp runs patch convolutions in F16: relative error ~2^-11 whatever the scale).
 IMAGE_TOLERANCES = {"f32": 1e-3, "f16": 5e-3, "q8_0": 5e-2}
-KNOWN = {
-    "llava": "llama.cpp's llava graph (tools/mtmd/models/llava.cpp) concatenates the CLIP class "
-             "token AFTER the patches while positions and the patch selection still assume it "
-             "first, so this llama.cpp build computes shifted image features for every CLIP "
-             "LLaVA; the mmproj file itself is correct",
-}
+# family -> this llama.cpp build's known defect for it (from the family table).
+KNOWN = {f.name: f.known_defects["gguf"] for f in families.TABLE if "gguf" in f.known_defects}
 # Text archs whose llama.cpp build may ignore {arch}.attention.layer_norm_rms_epsilon (this
 # one runs qwen2vl with eps 0). Detected, not assumed: see _rms_eps_ignored.
 EPS_SUSPECT_ARCHS = {"qwen2vl"}
@@ -173,7 +170,7 @@ def _measure_text(llm, refs, embs, family: str) -> dict:
         out["logits_abs"] = max(out["logits_abs"], diff)
         out["logits"] = max(out["logits"], diff / max(1.0, float(np.abs(want).max())))
         out["top1"].append(float((want.argmax(-1) == got.argmax(-1)).mean()))
-        decoder = llamacpp.Decoder(llm, non_causal_images=family == "gemma3")
+        decoder = llamacpp.Decoder(llm, non_causal_images=families.family(family).bidirectional_images)
         pred = greedy(decoder, ref["seq"], ref["mask"], emb, ref["gen"], ref["grid"])
         out["greedy_hits"] += sum(int(a == b) for a, b in zip(pred, ref["gen"], strict=True))
         out["greedy_steps"] += len(ref["gen"])

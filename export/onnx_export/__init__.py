@@ -14,16 +14,17 @@ import tempfile
 from pathlib import Path
 
 from edgevlm.errors import UnsupportedModelError, UsageError
+from edgevlm.runtimes import families
 from edgevlm.types import ExportArtifact
 
-ONNX_QUANTS = ("none", "int8", "q4")
+ONNX_QUANTS = tuple(families.ONNX_SUFFIX)
 VISION_QUANTS = ("none", "int8")
 # Families whose export is implemented and verified (tests/test_onnx_export.py).
-ONNX_FAMILIES = ("smolvlm", "llava", "qwen2.5-vl", "qwen2-vl", "gemma3")
-# Gemma3's prefill attends bidirectionally among image tokens, which the builder's causal
+ONNX_FAMILIES = tuple(f.name for f in families.TABLE if "onnx" in f.targets)
+# Families whose prefill attends bidirectionally among image tokens (Gemma 3), which the builder's causal
 # GroupQueryAttention cannot express (its graph matches torch exactly on text, sliding window
 # included, and is off by ~0.2 in logits with an image): these go through torch.onnx.
-TORCH_DECODER_FAMILIES = ("gemma3",)
+TORCH_DECODER_FAMILIES = tuple(f.name for f in families.TABLE if f.bidirectional_images)
 DEFAULT_SAMPLES = 2
 
 
@@ -147,7 +148,7 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
                       "decoder_method": (BUILDER_METHOD if io_spec["decoder"]["path"] == "genai-builder"
                                          else TORCH_METHOD)[quant],
                       "vision_method": "onnxruntime quantize_dynamic QInt8" if vision_quant == "int8" else "fp32",
-                      "suffixes": {"int8": "_quantized", "q4": "_q4"}},
+                      "suffixes": {k: v for k, v in families.ONNX_SUFFIX.items() if v}},
         io=io_spec,
         versions={**tool_versions("onnx", "onnxruntime", "onnxruntime-genai", "onnxscript"),
                   "opset": vision.OPSET, "onnx_ir_version": onnx.IR_VERSION},

@@ -7,16 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+from edgevlm.runtimes import families
+
 TWO_GB = 2 << 30
-SUFFIX = {"none": "", "int8": "_quantized", "q4": "_q4"}
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
               "added_tokens.json", "processor_config.json", "preprocessor_config.json",
               "chat_template.jinja", "chat_template.json")
 
 
-def graph_name(stem: str, quant: str = "none") -> str:
-    return f"{stem}{SUFFIX[quant]}.onnx"
+graph_name = families.onnx_graph  # (stem, quant) -> file name with the quantization suffix
 
 
 def copy_model_files(model_dir: Path, dest: Path, vlm) -> list[Path]:

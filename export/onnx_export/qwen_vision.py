@@ -21,11 +21,6 @@ import torch
 from torch import nn
 
 
-def grid_input_name(model_type: str) -> str:
-    """What transformers.js calls the grid input (Qwen2-VL: `grid_thw`)."""
-    return "image_grid_thw" if model_type == "qwen2_5_vl" else "grid_thw"
-
-
 class QwenVision(nn.Module):
     """pixel_values (N, C*T*P*P), grid (num_images, 3) int64 -> image_features (N/4, hidden)."""
 
@@ -107,7 +102,7 @@ def qwen_vision_wrapper(vlm):
     n = int((grid[:, 1] * grid[:, 2]).sum())
     wrapper = QwenVision(vlm.model.model.visual, int(getattr(vcfg, "window_size", 0) or 0),
                          int(vcfg.patch_size))
-    names = ["pixel_values", grid_input_name(vlm.config.model_type)]
+    names = list(vlm.adapter.onnx_vision_inputs)  # transformers.js names (Qwen2-VL: grid_thw)
     patches = torch.export.Dim("num_patches", min=4, max=1 << 16)
     images = torch.export.Dim("num_images", min=1, max=256)
     example = (torch.randn(n, patch_dim, generator=torch.Generator().manual_seed(0)), grid)

@@ -154,12 +154,12 @@ def vision_wrapper(vlm):
         pv[1, 1] = 0  # a padding tile
         mask = torch.ones(2, 2, size, size, dtype=torch.bool)
         tiles = torch.export.Dim("num_tiles", min=1, max=256)
-        return (SmolVLMVision(model), ["pixel_values", "pixel_attention_mask"], (pv, mask),
+        return (SmolVLMVision(model), list(vlm.adapter.onnx_vision_inputs), (pv, mask),
                 ({0: batch, 1: tiles}, {0: batch, 1: tiles}))
     if family in ("llava", "gemma3"):
         size = int(vcfg.image_size)
         wrapper = LlavaVision(model) if family == "llava" else Gemma3Vision(model)
-        return wrapper, ["pixel_values"], (torch.randn(2, 3, size, size),), ({0: batch},)
+        return wrapper, list(vlm.adapter.onnx_vision_inputs), (torch.randn(2, 3, size, size),), ({0: batch},)
     if family in ("qwen2-vl", "qwen2.5-vl"):
         from edgevlm.export.onnx_export.qwen_vision import qwen_vision_wrapper
 

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from .. import families
 from .common import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
@@ -70,8 +71,9 @@ class Gemma3Processor(FamilyProcessor):
         self.pan_and_scan_max_num_crops = 4
         self.pan_and_scan_min_ratio_to_activate = 1.2
         special = tokens.special_tokens
-        self.placeholder = special.get("boi_token", "<start_of_image>")
-        self.image_token = special.get("image_token", "<image_soft_token>")
+        spec = families.family(self.family)
+        self.placeholder = special.get("boi_token", spec.placeholder)
+        self.image_token = special.get("image_token", spec.image_token)
         self.image_seq_length = int(setting(processor, "image_seq_length", 256))
         soft = self.image_token * self.image_seq_length
         eoi = special.get("eoi_token", "<end_of_image>")

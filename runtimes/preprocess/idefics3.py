@@ -10,6 +10,7 @@ import numpy as np
 
 from edgevlm.errors import UsageError
 
+from .. import families
 from .common import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
@@ -92,11 +93,12 @@ class Idefics3Processor(FamilyProcessor):
                                                      IMAGENET_STANDARD_STD)
         self.image_seq_len = int(setting(processor, "image_seq_len", 169))
         special = tokens.special_tokens
-        self.placeholder = special.get("image_token", "<image>")
+        placeholder = families.family(self.family).placeholder
+        self.placeholder = special.get("image_token", placeholder)
         self.fake_image_token = special.get("fake_image_token", "<fake_token_around_image>")
         if files.config.get("model_type") == "idefics3":
             # Idefics3Processor hard-codes its tokens; SmolVLMProcessor reads the tokenizer's.
-            self.placeholder, self.fake_image_token = "<image>", "<fake_token_around_image>"
+            self.placeholder, self.fake_image_token = placeholder, "<fake_token_around_image>"
             self.global_image_token = "<global-img>"
         else:
             self.global_image_token = special.get("global_image_token", "<global-img>")

@@ -8,6 +8,7 @@ import numpy as np
 
 from edgevlm.errors import UsageError
 
+from .. import families
 from .common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -74,7 +75,7 @@ class LlavaProcessor(FamilyProcessor):
                                 files.config.get("vision_feature_select_strategy"))
         # LlavaProcessor prefers the tokenizer's image_token over its own setting.
         self.placeholder = tokens.special_tokens.get("image_token") or processor.get(
-            "image_token", "<image>")
+            "image_token", families.family(self.family).placeholder)
 
     def pixels(self, pixels: np.ndarray) -> np.ndarray:
         """One (H, W, 3) uint8 image -> (3, h, w) float32."""

@@ -9,6 +9,7 @@ import numpy as np
 
 from edgevlm.errors import UnsupportedModelError, UsageError
 
+from .. import families
 from .common import CheckpointFiles, FamilyProcessor, ImageInputs, open_image
 from .gemma3 import Gemma3Processor
 from .idefics3 import Idefics3Processor
@@ -16,18 +17,14 @@ from .llava import LlavaProcessor
 from .prompt import ChatTokenizer, StreamDecoder
 from .qwen2_vl import Qwen2VLProcessor
 
-# config.json model_type -> the family's processing.
+# family (of config.json's model_type, by the family table) -> the family's processing.
 PROCESSORS: dict[str, type[FamilyProcessor]] = {
-    "qwen2_vl": Qwen2VLProcessor,
-    "qwen2_5_vl": Qwen2VLProcessor,
+    "qwen2-vl": Qwen2VLProcessor,
+    "qwen2.5-vl": Qwen2VLProcessor,
     "smolvlm": Idefics3Processor,
-    "idefics3": Idefics3Processor,
     "llava": LlavaProcessor,
     "gemma3": Gemma3Processor,
 }
-
-# Config keys naming the id whose positions receive image features.
-_IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 
 
 class Preprocessor:
@@ -43,13 +40,15 @@ class Preprocessor:
         self.files = files
         self.config = files.config
         self.model_type = files.config.get("model_type")
-        if self.model_type not in PROCESSORS:
+        spec = families.for_model_type(self.model_type)
+        if spec is None or spec.name not in PROCESSORS:
             raise UnsupportedModelError(
                 f"no preprocessing for model_type '{self.model_type}' in {files.folder}",
-                f"supported model types: {', '.join(PROCESSORS)}")
+                "supported model types: " + ", ".join(
+                    t for f in families.TABLE if f.name in PROCESSORS for t in f.model_types))
         self.tokens = ChatTokenizer(files)
-        self.images = PROCESSORS[self.model_type](files, self.tokens)
-        self.family = self.images.family
+        self.family = spec.name
+        self.images = PROCESSORS[spec.name](files, self.tokens)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -59,10 +58,9 @@ class Preprocessor:
     @property
     def image_token_id(self) -> int | None:
         """The id at whose positions the image features go (from config.json)."""
-        for source in (self.config, self.config.get("text_config") or {}):
-            for key in _IMAGE_TOKEN_KEYS:
-                if source.get(key) is not None:
-                    return int(source[key])
+        token_id = families.image_token_id(self.config)
+        if token_id is not None:
+            return token_id
         token = getattr(self.images, "image_token", None) or self.images.placeholder
         return self.tokens.token_id(token)
 

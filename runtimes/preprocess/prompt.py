@@ -8,6 +8,7 @@ from datetime import datetime
 
 from edgevlm.errors import UsageError, require
 
+from ..families import user_turn
 from .common import CheckpointFiles, read_json
 
 
@@ -134,8 +135,7 @@ class ChatTokenizer:
 
     def chat_text(self, prompt: str, num_images: int = 1) -> str:
         """One user turn with `num_images` images then the prompt, plus the generation prompt."""
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        return self.render([{"role": "user", "content": content}])
+        return self.render(user_turn(prompt, num_images))
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for a text, as the processor's tokenizer call (`add_special_tokens=True`)."""

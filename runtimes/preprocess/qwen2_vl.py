@@ -9,6 +9,7 @@ import numpy as np
 
 from edgevlm.errors import UsageError
 
+from .. import families
 from .common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -89,7 +90,7 @@ class Qwen2VLProcessor(FamilyProcessor):
 
     def __init__(self, files: CheckpointFiles, tokens):
         image = files.image
-        self.family = "qwen2.5-vl" if files.config.get("model_type") == "qwen2_5_vl" else "qwen2-vl"
+        self.family = families.for_config(files.config).name
         self.do_resize = flag(image, "do_resize", True)
         self.min_pixels, self.max_pixels = pixel_bounds(image)
         self.resample = resample_of(image, BICUBIC)
@@ -97,7 +98,7 @@ class Qwen2VLProcessor(FamilyProcessor):
         self.temporal_patch_size = int(setting(image, "temporal_patch_size", 2))
         self.merge_size = int(setting(image, "merge_size", 2))
         self.normalize = Normalization.from_settings(image, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        self.placeholder = tokens.special_tokens.get("image_token", "<|image_pad|>")
+        self.placeholder = tokens.special_tokens.get("image_token", families.family(self.family).placeholder)
         video = tokens.special_tokens.get("video_token", "<|video_pad|>")
         self._type_ids = {tid: kind for tid, kind in ((tokens.token_id(video), 2),
                                                       (tokens.token_id(self.placeholder), 1))
