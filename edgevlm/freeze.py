@@ -73,7 +73,13 @@ def record_(vlm, plan) -> None:
 
 def install(vlm, layers: list[int] | None = None) -> FreezeState:
     """Make `layers` (default: the ones recorded in the config) of vlm's decoder frozen for
-    visual tokens, in place. Idempotent per model; returns the shared state."""
+    visual tokens, in place. Idempotent per model; returns the shared state.
+
+    Everything installed lives on the modules (a bound method as each frozen layer's
+    `forward`, the state and a callable hook object on the model), so `copy.deepcopy` of the
+    model gives a copy that is frozen the same way with its own state."""
+    import types
+
     model, adapter = vlm.model, vlm.adapter
     layers = frozen_layers(model.config) if layers is None else sorted(layers)
     decoder = adapter.layers(model)
@@ -85,19 +91,19 @@ def install(vlm, layers: list[int] | None = None) -> FreezeState:
     if state is None:
         state = FreezeState()
         model._edgevlm_freeze_state = state
+        hook = _VisualRows(state, adapter, model.config)
         model._edgevlm_freeze_hooks = [
-            model.register_forward_pre_hook(_make_pre_hook(vlm, state), with_kwargs=True),
-            model.register_forward_hook(lambda *a, **k: state.clear(), always_call=True),
+            model.register_forward_pre_hook(hook, with_kwargs=True),
+            model.register_forward_hook(hook.done, always_call=True),
         ]
     for index, layer in enumerate(decoder):
-        original = getattr(layer, "_edgevlm_original_forward", None)
-        if index in layers and original is None:
+        frozen = "_edgevlm_freeze_state" in layer.__dict__
+        if index in layers and not frozen:
             _check_layer(layer)
-            layer._edgevlm_original_forward = layer.forward
-            layer.forward = _frozen_forward(layer, layer.forward, state)
-        elif index not in layers and original is not None:
-            layer.forward = original
-            del layer._edgevlm_original_forward
+            layer._edgevlm_freeze_state = state
+            layer.forward = types.MethodType(_frozen_forward, layer)
+        elif index not in layers and frozen:
+            del layer.forward, layer._edgevlm_freeze_state
     model._edgevlm_frozen = list(layers)
     return state
 
@@ -106,10 +112,8 @@ def uninstall(vlm) -> None:
     """Undo `install`: every layer runs its own forward again."""
     model = vlm.model
     for layer in vlm.adapter.layers(model):
-        original = getattr(layer, "_edgevlm_original_forward", None)
-        if original is not None:
-            layer.forward = original
-            del layer._edgevlm_original_forward
+        if "_edgevlm_freeze_state" in layer.__dict__:
+            del layer.forward, layer._edgevlm_freeze_state
     for handle in getattr(model, "_edgevlm_freeze_hooks", []):
         handle.remove()
     for name in ("_edgevlm_freeze_state", "_edgevlm_freeze_hooks", "_edgevlm_frozen"):
@@ -121,17 +125,24 @@ def installed_layers(vlm) -> list[int]:
     return list(getattr(vlm.model, "_edgevlm_frozen", []))
 
 
-def _make_pre_hook(vlm, state: FreezeState):
-    def pre(module, args, kwargs):
+class _VisualRows:
+    """Model forward pre-hook: which rows the frozen layers compute, from `input_ids`."""
+
+    def __init__(self, state: FreezeState, adapter, config):
+        self.state, self.adapter, self.config = state, adapter, config
+
+    def __call__(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state.clear()
+        self.state.clear()
         if input_ids is None or input_ids.dim() != 2:
             return
-        visual = vlm.adapter.visual_mask(input_ids, vlm.config)
+        visual = self.adapter.visual_mask(input_ids, self.config)
         if not bool(visual.any()):
             return  # text only (every decode step): nothing to freeze
-        state.set(*rows_to_compute(visual))
-    return pre
+        self.state.set(*rows_to_compute(visual))
+
+    def done(self, *args, **kwargs):
+        self.state.clear()
 
 
 def rows_to_compute(visual):
@@ -156,20 +167,18 @@ def _check_layer(layer) -> None:
             "use --mode drop for this model")
 
 
-def _frozen_forward(layer, original, state: FreezeState):
-    signature = inspect.signature(original)
-
-    def forward(*args, **kwargs):
-        if state.rows is None:
-            return original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        values = dict(bound.arguments)
-        values.update(values.pop("kwargs", {}))
-        return freeze_layer(layer, values["hidden_states"], state.rows, state.keep,
-                            values.get("attention_mask"), values.get("position_embeddings"),
-                            values.get("past_key_values"))
-
-    return forward
+def _frozen_forward(layer, *args, **kwargs):
+    """A frozen layer's forward (bound to the layer): the freeze path while the model's
+    forward has visual rows, the layer's own forward otherwise."""
+    state = layer._edgevlm_freeze_state
+    original = type(layer).forward.__get__(layer)
+    if state.rows is None:
+        return original(*args, **kwargs)
+    values = inspect.signature(original).bind(*args, **kwargs).arguments
+    values = {**values, **values.pop("kwargs", {})}
+    return freeze_layer(layer, values["hidden_states"], state.rows, state.keep,
+                        values.get("attention_mask"), values.get("position_embeddings"),
+                        values.get("past_key_values"))
 
 
 def _rotate_half(x):

@@ -126,6 +126,15 @@ def test_install_uninstall_and_text_only_calls(calib):
     text_only = {"input_ids": batch["input_ids"][:, -5:],
                  "attention_mask": batch["attention_mask"][:, -5:]}
     frozen_text = _run(vlm, text_only).logits  # no image token: the normal forward
+    frozen = _run(vlm, batch).logits
+    assert float((frozen - before).abs().max()) > 1e-3
+    # a deep copy (what fidelity baselines and compensation twins make) is frozen alike
+    twin = LoadedVLM(model=copy.deepcopy(vlm.model), processor=vlm.processor,
+                     adapter=vlm.adapter, name=vlm.name, path=vlm.path)
+    assert torch.equal(_run(twin, batch).logits, frozen)
+    freeze.uninstall(twin)
+    assert torch.equal(_run(twin, batch).logits, before)
+    assert torch.equal(_run(vlm, batch).logits, frozen)
     freeze.uninstall(vlm)
     assert torch.equal(_run(vlm, text_only).logits, frozen_text)
     assert torch.equal(_run(vlm, batch).logits, before)

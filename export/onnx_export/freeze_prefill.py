@@ -152,9 +152,15 @@ def torch_prefill(vlm, sample) -> dict:
     """The PyTorch freeze forward on one sample: inputs (numpy), last logits, KV cache."""
     from edgevlm.prompting import encode, model_inputs
 
+    from edgevlm.runtimes.ort_generate import POSITION_START
+
     batch = model_inputs(encode(vlm, [sample]))
+    start = POSITION_START.get(vlm.adapter.family)
+    kwargs = {}
+    if start:  # the export's positions start there (rotary: logits equal, cached keys not)
+        kwargs["position_ids"] = torch.arange(start, start + batch["input_ids"].shape[1])[None]
     with torch.no_grad():
-        out = vlm.model(**batch, use_cache=True)
+        out = vlm.model(**batch, use_cache=True, **kwargs)
     kv = {}
     for i, layer in enumerate(out.past_key_values.layers):
         kv[f"past_key_values.{i}.key"] = layer.keys[0].float().numpy()
