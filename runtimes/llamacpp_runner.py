@@ -31,6 +31,10 @@ IMAGE_PLACEHOLDER = {
     "llava": "<image>",
     "gemma3": "<start_of_image>",
 }
+# Text the Hugging Face processor writes around an image that mtmd's own wrapper leaves out:
+# Gemma3Processor expands <start_of_image> to "\n\n<start_of_image>" + soft tokens +
+# "<end_of_image>\n\n"; mtmd adds only the two image tokens.
+AROUND_IMAGE = {"gemma3": ("\n\n", "\n\n")}
 
 
 def _NO_CALLBACK():
@@ -144,7 +148,8 @@ class LlamaCppRunner(Runner):
         if placeholder not in text:
             raise EdgeVLMError("the chat template did not place the image",
                                f"expected '{placeholder}' in the rendered prompt")
-        return text.replace(placeholder, marker, 1)
+        before, after = AROUND_IMAGE.get(self.artifact.family, ("", ""))
+        return text.replace(placeholder, before + marker + after, 1)
 
     def _chunks(self, image, prompt: str):
         from llama_cpp import mtmd_cpp as mtmd
