@@ -86,3 +86,30 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_fit_trains_through_accelerate():
+    """Backward goes through the Accelerator (one call per micro-batch), the model is placed
+    on its device, and a device torch cannot see is refused with a fix."""
+    from edgevlm.errors import UsageError
+    from edgevlm.training import accelerator_for, check_device
+
+    accelerator = accelerator_for("cpu")
+    assert accelerator.device.type == "cpu" and accelerator.num_processes == 1
+    calls = []
+    backward = accelerator.backward
+    accelerator.backward = lambda loss, **kw: (calls.append(loss.item()), backward(loss, **kw))
+    vlm, step_samples, loss_fn = _setup()
+    config = TrainConfig(steps=2, grad_accum=2, lr=1e-3, warmup=1)
+    losses = fit(vlm.model, vlm.model.parameters(), step_samples, loss_fn, config,
+                 show_progress=False, accelerator=accelerator)
+    assert len(calls) == 4  # 2 steps x 2 micro-batches
+    assert losses == pytest.approx([calls[0] + calls[1], calls[2] + calls[3]], rel=1e-6)
+    for device in ("cuda", "mps"):
+        available = (torch.cuda.is_available() if device == "cuda"
+                     else torch.backends.mps.is_available())
+        if not available:
+            with pytest.raises(UsageError, match=f"--device {device}"):
+                check_device(device)
+            with pytest.raises(UsageError, match=f"--device {device}"):
+                accelerator_for(device)

@@ -16,8 +16,12 @@ def warn(message: str) -> None:
 
 
 def heal_config(args, recipe: str):
+    """The HealConfig of `heal` / `export --recover` options; the device is checked here,
+    before any model is loaded."""
     from edgevlm.recovery.heal import HealConfig
+    from edgevlm.training import check_device
 
+    check_device(getattr(args, "device", None))
     return HealConfig(recipe=recipe, data=args.data, fraction=args.fraction, train=args.train,
                       lora=args.lora, ce_weight=args.ce_weight, steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
@@ -70,11 +74,17 @@ def run(student, teacher, config, data, out: Path, *, checkpoint_dir: Path, resu
     return record
 
 
+def _main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cmd_heal(args) -> int:
     from edgevlm.commands import _load
     from edgevlm.loader import resolve
     from edgevlm.outdir import check_writable, staged_dir
-    from edgevlm.recovery.heal import checkpoint_dir_for
+    from edgevlm.recovery.heal import checkpoint_dir_for, heal
 
     out = Path(args.out)
     check_writable(out, args.force)
@@ -90,6 +100,10 @@ def cmd_heal(args) -> int:
     data = prepare(config, student_path, args.teacher)
     student = _load(args, args.pruned)
     teacher = _load(args, args.teacher) if args.teacher else None
+    if not _main_process():  # `accelerate launch`: only rank 0 writes the output
+        heal(student, teacher, config, data, None, checkpoint_dir=checkpoint_dir,
+             resume=args.resume, show_progress=False)
+        return 0
     with staged_dir(out, args.force) as tmp:
         record = run(student, teacher, config, data, tmp, checkpoint_dir=checkpoint_dir,
                      resume=args.resume,

@@ -155,12 +155,19 @@ def heal(student, teacher, config: HealConfig, data, out_dir: Path, *,
     import torch
 
     from edgevlm.recovery.losses import make_loss
-    from edgevlm.training import TrainConfig, fit
+    from edgevlm.training import TrainConfig, accelerator_for, fit
 
     recipe, train, lr = config.resolved()
     if recipe.needs_teacher and teacher is None:
         raise UsageError(f"--recipe {recipe.name} distils from a teacher", "pass --teacher BASE")
-    per_step = config.batch_size * config.grad_accum
+    # The student's device (--device) through accelerate; under `accelerate launch` each
+    # process trains on its own GPU and takes its own micro-batches of every step.
+    accelerator = accelerator_for(None if _launched() else student.model.device.type)
+    student.model.to(accelerator.device)
+    if teacher is not None:
+        teacher.model.to(accelerator.device)
+    world = accelerator.num_processes
+    per_step = config.batch_size * config.grad_accum * world
     steps = config.steps or max(1, math.ceil(data.n / per_step))
     stored_dtype = next(iter(student.model.parameters())).dtype
     saved_dtype = _checkpoint_dtype(student.path) or stored_dtype
@@ -171,13 +178,13 @@ def heal(student, teacher, config: HealConfig, data, out_dir: Path, *,
     train_config = TrainConfig(steps=steps, lr=lr, batch_size=config.batch_size,
                                grad_accum=config.grad_accum, warmup=min(50, steps // 10),
                                seed=config.seed, checkpoint_every=config.checkpoint_every)
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and (resume or accelerator.is_main_process):
         _check_resume(checkpoint_dir, config, resume)
 
     def step_samples(step: int, micro: int) -> list:
         # Epoch e visits the items in a seeded permutation of its own: a function of the
         # step only, so a resumed run sees what an uninterrupted one would have.
-        first = (step * config.grad_accum + micro) * config.batch_size
+        first = (step * config.grad_accum * world + micro) * config.batch_size
         return [data.get(_order(data.n, (first + j) // data.n, config.seed)[(first + j) % data.n])
                 for j in range(config.batch_size)]
 
@@ -185,12 +192,14 @@ def heal(student, teacher, config: HealConfig, data, out_dir: Path, *,
     info(f"heal: recipe {recipe.name}, training {train}"
          f"{f' through LoRA r={config.lora}' if config.lora else ''} ({n_trainable / 1e6:.2f} M "
          f"parameters), {data.n} items, {steps} steps of {per_step}, lr {lr:g}")
-    if torch.cuda.is_available() and student.model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    on_gpu = accelerator.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     started = time.time()
     try:
         losses = fit(student.model, params, step_samples, loss_fn, train_config, checkpoint_dir,
-                     resume=resume, show_progress=show_progress, desc=f"heal {recipe.name}")
+                     resume=resume, show_progress=show_progress, desc=f"heal {recipe.name}",
+                     accelerator=accelerator)
     finally:
         close()
     seconds = time.time() - started
@@ -205,13 +214,23 @@ def heal(student, teacher, config: HealConfig, data, out_dir: Path, *,
         "trainable_parameters": n_trainable, "loss_first": losses[0] if losses else None,
         "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "last_terms": dict(parts), "seconds": round(seconds, 1),
-        "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated() / 1e6
-                               if student.model.device.type == "cuda" else None),
+        "device": str(accelerator.device), "processes": world,
+        "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(accelerator.device) / 1e6
+                               if on_gpu else None),
         **(provenance or {}),
     }
-    save_healed(student, out_dir, record, saved_dtype)
+    if out_dir is not None and accelerator.is_main_process:
+        save_healed(student, out_dir, record, saved_dtype)
+    accelerator.wait_for_everyone()
     record["losses"] = losses
     return record
+
+
+def _launched() -> bool:
+    """Started by `accelerate launch` (or torchrun) with more than one process."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 @functools.lru_cache(maxsize=4)
