@@ -192,8 +192,9 @@ def test_gguf_refuses_freeze_before_any_work(tmp_path, capsys):
     from edgevlm.cli import main
 
     out = tmp_path / "out"
-    rc = main(["export", "--model", "tiny:smolvlm", "--method", "lc", "--ratio", "0.6",
-               "--mode", "freeze", "--target", "gguf", "-o", str(out)])
+    # A model that does not exist: refused for GGUF before anything looks for it.
+    rc = main(["export", "--model", str(tmp_path / "no-such-model"), "--method", "lc",
+               "--ratio", "0.6", "--mode", "freeze", "--target", "gguf", "-o", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "--target onnx" in err, err
