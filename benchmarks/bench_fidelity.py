@@ -81,7 +81,9 @@ def run_family(family: str, args) -> dict:
                    **judge(base, pruned_copy(base, plan), test, base_accuracy)}
             rows.append(row)
         rand = [r["accuracy"]["average"] for r in rows if r["method"] == "random" and r["ratio"] == ratio]
-        print(f"  r={ratio} random   acc {sum(rand) / len(rand):.3f} over {len(rand)} plans", flush=True)
+        if rand:
+                print(f"  r={ratio} random   acc {sum(rand) / len(rand):.3f} over {len(rand)} plans",
+                  flush=True)
     return {"n_layers": n_total, "base_accuracy": base_accuracy,
             "scores": {f"{m}" + (f"-n{n}" if n else ""): s.scores
                        for (m, n), s in scores_by_method.items()},
@@ -96,6 +98,8 @@ def summarize(family_result: dict, ratios, methods) -> list[dict]:
     for ratio in ratios:
         for method in [*methods, "random"]:
             rows = [r for r in family_result["rows"] if r["method"] == method and r["ratio"] == ratio]
+            if not rows:  # --random 0
+                continue
             acc = [r["accuracy"]["average"] for r in rows]
             tasks = rows[0]["accuracy"]["per_task"]
             table.append({
