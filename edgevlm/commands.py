@@ -37,7 +37,11 @@ def cmd_list(args) -> int:
         from edgevlm.runtimes.families import TABLE
 
         for f in TABLE:
-            print(f"{f.name:12s} {f.hf_class:36s} gguf {f.gguf_text_arch}/{f.gguf_projector}")
+            facts = [f"model_type {'/'.join(f.model_types)}", f"image {f.image_token}"]
+            facts += [f"layer period {f.layer_period}"] if f.layer_period else []
+            facts += [f"known {t} defect" for t in f.known_defects]
+            gguf = f"{f.gguf_text_arch}/{f.gguf_projector}"
+            print(f"{f.name:12s} {f.hf_class:36s} gguf {gguf:26s} {'; '.join(facts)}")
     elif args.what == "methods":
         from edgevlm.scoring import SCORERS
 

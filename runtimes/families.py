@@ -41,6 +41,11 @@ class Family:
     gguf_projector: str
     gguf_writer: str
     gguf_tokenizer: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) / "llama" (SentencePiece)
+    # What the chat template writes for one image, which the llama.cpp runner replaces by
+    # mtmd's marker (mtmd adds the family's own wrapper tokens around the embeddings); and the
+    # text the HF processor writes around an image that mtmd's wrapper leaves out.
+    gguf_image_text: str
+    gguf_around_image: tuple[str, str] = ("", "")
     # ONNX (transformers.js layout): vision-encoder input names, first position id.
     onnx_vision_inputs: tuple[str, ...] = ("pixel_values",)
     onnx_position_start: int = 0
@@ -62,6 +67,7 @@ _QWEN = dict(
     projector="model.visual.merger", vision_layers="blocks",
     image_token_keys=("image_token_id",), image_token="<|image_pad|>", placeholder="<|image_pad|>",
     gguf_text_arch="qwen2vl", gguf_writer="qwen_vl", gguf_tokenizer="gpt2", mrope=True,
+    gguf_image_text="<|vision_start|><|image_pad|><|vision_end|>",
     notes="M-RoPE: 3-D position ids (rope.dimension_sections)",
 )
 
@@ -75,7 +81,10 @@ TABLE: tuple[Family, ...] = (
         image_token_keys=("image_token_id", "image_token_index"),
         image_token="<image_soft_token>", placeholder="<start_of_image>",
         gguf_text_arch="gemma3", gguf_projector="gemma3", gguf_writer="gemma3",
-        gguf_tokenizer="llama",
+        gguf_tokenizer="llama", gguf_image_text="<start_of_image>",
+        # Gemma3Processor expands <start_of_image> to "\n\n<start_of_image>" + soft tokens +
+        # "<end_of_image>\n\n"; mtmd adds only the two image tokens.
+        gguf_around_image=("\n\n", "\n\n"),
         # transformers.js counts Gemma 3's positions from 1 (rotary: only differences matter).
         onnx_position_start=1,
         bidirectional_images=True,
@@ -87,7 +96,7 @@ TABLE: tuple[Family, ...] = (
         vision_layers="encoder.layers",
         image_token_keys=("image_token_id", "image_token_index"), image_token="<image>",
         placeholder="<image>", gguf_text_arch="llama", gguf_projector="mlp", gguf_writer="llava",
-        gguf_tokenizer="llama",
+        gguf_tokenizer="llama", gguf_image_text="<image>",
         gguf_text_archs={"llama": "llama", "mistral": "llama", "qwen2": "qwen2"},
         known_defects={
             "gguf": "llama.cpp's llava graph (tools/mtmd/models/llava.cpp) concatenates the CLIP "
@@ -111,7 +120,8 @@ TABLE: tuple[Family, ...] = (
         projector="model.connector", vision_layers="encoder.layers",
         image_token_keys=("image_token_id",), image_token="<image>", placeholder="<image>",
         gguf_text_arch="llama", gguf_projector="idefics3", gguf_writer="smolvlm",
-        gguf_tokenizer="gpt2", onnx_vision_inputs=("pixel_values", "pixel_attention_mask"),
+        gguf_tokenizer="gpt2", gguf_image_text="<image>",
+        onnx_vision_inputs=("pixel_values", "pixel_attention_mask"),
         notes="image splitting into tiles + global image, pixel shuffle"),
 
 )

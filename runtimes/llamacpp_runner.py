@@ -15,26 +15,13 @@ from collections import deque
 import numpy as np
 
 from edgevlm.errors import EdgeVLMError, UsageError
+from edgevlm.runtimes import families
 from edgevlm.runtimes.base import Runner, Trace
 from edgevlm.runtimes.families import user_turn
 from edgevlm.runtimes.image_budget import check_llamacpp_count, llamacpp_image_max_tokens
 from edgevlm.runtimes.measure import phase
 from edgevlm.runtimes.preprocess.prompt import compile_template
 from edgevlm.runtimes.sampling import TextStream, decode_loop
-
-# What each family's chat template writes for an image; mtmd's marker takes its place and
-# mtmd adds the family's own wrapper tokens around the image embeddings.
-IMAGE_PLACEHOLDER = {
-    "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "smolvlm": "<image>",
-    "llava": "<image>",
-    "gemma3": "<start_of_image>",
-}
-# Text the Hugging Face processor writes around an image that mtmd's own wrapper leaves out:
-# Gemma3Processor expands <start_of_image> to "\n\n<start_of_image>" + soft tokens +
-# "<end_of_image>\n\n"; mtmd adds only the two image tokens.
-AROUND_IMAGE = {"gemma3": ("\n\n", "\n\n")}
 
 
 def _NO_CALLBACK():
@@ -143,12 +130,13 @@ class LlamaCppRunner(Runner):
         from llama_cpp import mtmd_cpp as mtmd
 
         text = render_chat(self.template, prompt, bos=self.bos, eos=self.eos)
-        placeholder = IMAGE_PLACEHOLDER[self.artifact.family]
+        spec = families.family(self.artifact.family)
+        placeholder = spec.gguf_image_text
         marker = mtmd.mtmd_default_marker().decode()
         if placeholder not in text:
             raise EdgeVLMError("the chat template did not place the image",
                                f"expected '{placeholder}' in the rendered prompt")
-        before, after = AROUND_IMAGE.get(self.artifact.family, ("", ""))
+        before, after = spec.gguf_around_image
         return text.replace(placeholder, before + marker + after, 1)
 
     def _chunks(self, image, prompt: str):

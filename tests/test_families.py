@@ -103,8 +103,9 @@ def test_user_turn():
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_tiny_checkpoint_agrees_with_the_table(name):
-    """The tiny checkpoint's config.json maps back to its family; the image token, placeholder
-    and GGUF tokenizer model of the table are the checkpoint's; Gemma 3's layer period."""
+    """The tiny checkpoint's config.json maps back to its family; the image token, placeholder,
+    chat-template image text and GGUF tokenizer model of the table are the checkpoint's;
+    Gemma 3's layer period."""
     pytest.importorskip("torch")
     from edgevlm.export.gguf_export.tokenizer import tokenizer_plan
     from edgevlm.loader import materialize_tiny
@@ -118,9 +119,22 @@ def test_tiny_checkpoint_agrees_with_the_table(name):
     assert pre.family == name
     assert pre.tokens.token_id(spec.image_token) == families.image_token_id(config)
     assert pre.tokens.token_id(spec.placeholder) is not None
+    text = pre.chat_text("hi")  # the chat template's image text: what both runners replace
+    assert spec.placeholder in text and spec.gguf_image_text in text
     assert tokenizer_plan(folder).model == spec.gguf_tokenizer
     types = (config.get("text_config") or config).get("layer_types") or []
     if spec.layer_period:
         full = [i for i, t in enumerate(types) if t == "full_attention"]
         assert full and all(b - a == spec.layer_period for a, b in zip(full, full[1:], strict=False))
         assert full[0] == spec.layer_period - 1
+
+
+def test_list_families_prints_the_table(capsys):
+    from edgevlm.cli import main
+
+    assert main(["list", "families"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(FAMILIES)
+    for f, line in zip(TABLE, lines, strict=True):
+        assert f"{f.gguf_text_arch}/{f.gguf_projector}" in line and "/".join(f.model_types) in line
+        assert ("defect" in line) == bool(f.known_defects)

@@ -12,9 +12,11 @@ import math
 from edgevlm.errors import UnsupportedModelError, UsageError
 from edgevlm.export.gguf_export import text, vision
 from edgevlm.export.gguf_export.source import LLAVA_STYLE_TEXT, LLAVA_STYLE_VISION, prefix_renamer
+from edgevlm.runtimes import families
 
-ARCH = "gemma3"
-PERIOD = 6  # llama.cpp: layer il is global iff (il + 1) % 6 == 0
+SPEC = families.family("gemma3")
+ARCH = SPEC.gguf_text_arch
+PERIOD = SPEC.layer_period  # llama.cpp hard-codes 6: layer il is global iff (il + 1) % 6 == 0
 LLAMA_CPP_SWA_ROPE_THETA = 10000.0
 LLAMA_CPP_27B_LAYERS = 62  # llama.cpp infers "27B" (and its query scale) from this count
 
@@ -162,7 +164,7 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
     scale = _scale_factor(cfg)
 
     def metadata(writer):
-        vision.vision_metadata(writer, projector="gemma3", vcfg=vcfg,
+        vision.vision_metadata(writer, projector=SPEC.gguf_projector, vcfg=vcfg,
                                text_hidden=cfg["text_config"]["hidden_size"], image_size=image,
                                patch_size=vcfg["patch_size"], n_layers=n_layers, proc=proc,
                                name=name, ftype=ftype)
@@ -174,6 +176,6 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
         transforms={"mm.soft_emb_norm.weight": lambda w: w + 1.0},
         # clip.cpp transposes the projection in-graph, which quantized types cannot do.
         max_types={"mm.input_projection.weight": "F16"})
-    return "gemma3", metadata, jobs, {"image_size": image, "image_tokens":
-                                      int(cfg.get("mm_tokens_per_image", 256)),
+    return SPEC.gguf_projector, metadata, jobs, {"image_size": image, "image_tokens":
+                                                 int(cfg.get("mm_tokens_per_image", 256)),
                                       "scale_factor": scale}

@@ -10,6 +10,7 @@ from edgevlm.export.gguf_export import text, vision
 from edgevlm.export.gguf_export.source import LLAVA_STYLE_TEXT, LLAVA_STYLE_VISION, prefix_renamer
 from edgevlm.runtimes import families
 
+PROJECTOR = families.family("llava").gguf_projector
 TEXT_RENAME = prefix_renamer(LLAVA_STYLE_TEXT)
 VISION_RENAME = prefix_renamer(LLAVA_STYLE_VISION)
 
@@ -66,7 +67,7 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
     def metadata(writer):
         # Only the blocks before the feature layer are written; feature_layer marks the
         # last block's output as the features (no post-layernorm, as in HF LLaVA).
-        vision.vision_metadata(writer, projector="mlp", vcfg=vcfg,
+        vision.vision_metadata(writer, projector=PROJECTOR, vcfg=vcfg,
                                text_hidden=cfg["text_config"]["hidden_size"], image_size=image,
                                patch_size=vcfg["patch_size"], n_layers=layer, proc=proc,
                                name=name, ftype=ftype, eps=1e-5)
@@ -81,5 +82,5 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
     overrides = {"multi_modal_projector.linear_1": "mm.0", "multi_modal_projector.linear_2": "mm.2"}
     jobs = vision.mapped_jobs(src, layer, overrides, skip=skip)
     tokens = (image // vcfg["patch_size"]) ** 2
-    return "mlp", metadata, jobs, {"image_tokens": tokens, "image_size": image,
-                                   "feature_layer": layer}
+    return PROJECTOR, metadata, jobs, {"image_tokens": tokens, "image_size": image,
+                                       "feature_layer": layer}

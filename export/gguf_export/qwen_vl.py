@@ -10,8 +10,9 @@ from edgevlm.errors import UnsupportedModelError
 from edgevlm.export.gguf_export import text, vision
 from edgevlm.export.gguf_export.source import prefix_renamer
 from edgevlm.export.gguf_export.writer import TensorJob
+from edgevlm.runtimes import families
 
-ARCH = "qwen2vl"
+ARCH = families.family("qwen2-vl").gguf_text_arch  # Qwen2.5-VL text: the same arch
 TEXT_RENAME = prefix_renamer([
     ("model.language_model.", "model."), ("model.layers.", "model.layers."),
     ("model.embed_tokens.", "model.embed_tokens."), ("model.norm.", "model.norm."),
@@ -23,7 +24,7 @@ LLAMA_CPP_DEFAULT_WINDOW = 112
 
 
 def _is_25(cfg: dict) -> bool:
-    return cfg.get("model_type") == "qwen2_5_vl"
+    return families.for_config(cfg).name == "qwen2.5-vl"
 
 
 def text_arch(cfg: dict) -> str:
@@ -143,7 +144,7 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
     vcfg = cfg["vision_config"]
     n_layers = int(vcfg["depth"])
     width, ffn = _vision_dims(cfg)
-    projector = "qwen2.5vl_merger" if _is_25(cfg) else "qwen2vl_merger"
+    projector = families.for_config(cfg).gguf_projector
     patch = int(vcfg.get("patch_size", 14))
 
     def metadata(writer):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from edgevlm.export.gguf_export import text, vision
 from edgevlm.export.gguf_export.source import prefix_renamer
+from edgevlm.runtimes import families
 
-ARCH = "llama"
+SPEC = families.family("smolvlm")
+ARCH = SPEC.gguf_text_arch
 TEXT_RENAME = prefix_renamer([("model.text_model.", "model."), ("lm_head.", "lm_head.")])
 VISION_RENAME = prefix_renamer([("model.vision_model.", "model.vision_model."),
                                 ("model.connector.", "model.connector.")])
@@ -35,7 +37,7 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
     longest = int((proc.get("size") or {}).get("longest_edge", vcfg["image_size"]))
 
     def metadata(writer):
-        vision.vision_metadata(writer, projector="idefics3", vcfg=vcfg,
+        vision.vision_metadata(writer, projector=SPEC.gguf_projector, vcfg=vcfg,
                                text_hidden=cfg["text_config"]["hidden_size"],
                                image_size=vcfg["image_size"], patch_size=vcfg["patch_size"],
                                n_layers=n_layers, proc=proc, name=name, ftype=ftype)
@@ -44,5 +46,5 @@ def mmproj(src, cfg: dict, proc: dict, folder, *, name: str, ftype: int):
 
     jobs = vision.mapped_jobs(src, n_layers)
     tokens = (vcfg["image_size"] // vcfg["patch_size"] // scale) ** 2
-    return "idefics3", metadata, jobs, {"image_tokens_per_tile": tokens, "tile_size": vcfg["image_size"],
+    return SPEC.gguf_projector, metadata, jobs, {"image_tokens_per_tile": tokens, "tile_size": vcfg["image_size"],
                                         "longest_edge": longest}
