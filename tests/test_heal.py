@@ -18,7 +18,6 @@ from edgevlm.recovery.data import TASK_TRAIN_ITEMS, training_data
 from edgevlm.recovery.heal import HealConfig, check_pair, heal
 from edgevlm.training import CHECKPOINT
 
-
 # Two layers each family can lose (Gemma 3 keeps its 5 local : 1 global pattern only by
 # losing layers from the end of its 12).
 DROP = {"gemma3": (10, 11)}
