@@ -328,13 +328,26 @@ def test_onnx_frozen_layers_compute_text_rows_only(onnx_exports, family):
         dims = values[name].type.tensor_type.shape.dim
         return dims[-2].dim_param or dims[-2].dim_value
 
+    def derives_from(name, source, ops=None, seen=None) -> bool:
+        """Whether `name` is computed from the graph input `source` (through `ops` only)."""
+        seen = set() if seen is None else seen
+        if name == source:
+            return True
+        node = producer.get(name)
+        if node is None or name in seen or (ops and node.op_type not in ops):
+            return False
+        seen.add(name)
+        return any(derives_from(i, source, ops, seen) for i in node.input)
+
     def from_text_gather(name, seen=None) -> bool:
+        """Whether `name` comes from a Gather along the rows indexed by `text_positions`."""
         seen = set() if seen is None else seen
         node = producer.get(name)
         if node is None or name in seen:
             return False
         seen.add(name)
-        if node.op_type == "Gather" and "text_positions" in node.input:
+        if node.op_type == "Gather" and derives_from(node.input[1], "text_positions",
+                                                     ("Reshape", "Cast", "Identity")):
             return True
         return any(from_text_gather(i, seen) for i in node.input if i not in weights)
 
