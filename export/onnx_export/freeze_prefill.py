@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edgevlm.errors import EdgeVLMError, VerificationError
+from edgevlm.export.onnx_export.torch_decoder import logits_and_present
 
 GRAPH_STEM = "decoder_model_merged_prefill_freeze"
 INPUTS = ("inputs_embeds", "position_ids", "text_positions")
@@ -76,13 +77,7 @@ class FreezePrefill(nn.Module):
                             past_key_values=cache, use_cache=True)
         finally:
             self.state.clear()
-        logits = self.lm_head(out.last_hidden_state[:, -1:])
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        present = []
-        for layer in cache.layers:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
+        return logits_and_present(self.lm_head, self.softcap, out.last_hidden_state, cache)
 
 
 def _example(vlm):
@@ -151,7 +146,6 @@ def export_all(vlm, scratch: Path, graphs: Path, quants, files: list, role) -> d
 def torch_prefill(vlm, sample) -> dict:
     """The PyTorch freeze forward on one sample: inputs (numpy), last logits, KV cache."""
     from edgevlm.prompting import encode, model_inputs
-
     from edgevlm.runtimes.ort_generate import POSITION_START
 
     batch = model_inputs(encode(vlm, [sample]))

@@ -44,13 +44,7 @@ class BiasDecoder(nn.Module):
         masks = self.biases(flag, past[0].shape[2], embeds.dtype)
         out = self.text(inputs_embeds=embeds, attention_mask=masks, position_ids=position_ids,
                         past_key_values=cache, use_cache=True)
-        logits = self.lm_head(out.last_hidden_state[:, -1:])
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        present = []
-        for layer in cache.layers:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
+        return logits_and_present(self.lm_head, self.softcap, out.last_hidden_state, cache)
 
     def biases(self, flag, past_len, dtype) -> dict:
         """Additive (B, 1, new, past + new) biases per layer type: causal, except that tokens of
@@ -98,3 +92,15 @@ def export_torch_decoder(vlm, path: Path) -> dict:
     onnx.helper.set_model_props(model, {"edgevlm.kv_in_place": "0"})
     onnx.save(model, str(path))
     return {"inputs": names + kv_names, "outputs": out_names}
+
+
+def logits_and_present(lm_head, softcap, hidden, cache) -> tuple:
+    """The decoder graphs' outputs: last-position logits (soft-capped where the model does),
+    then present.{i}.key/value in layer order."""
+    logits = lm_head(hidden[:, -1:])
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    present = []
+    for layer in cache.layers:
+        present += [layer.keys, layer.values]
+    return (logits, *present)
