@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from edgevlm.runtimes.families import user_turn
+from edgevlm.runtimes.preprocess.prompt import template_wrote_bos
 
 
 def chat_text(processor, prompt: str, answer: str | None = None) -> str:
     """The chat-formatted prompt for one image + text turn, optionally followed by an answer."""
     text = processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True, tokenize=False)
     return text + answer if answer else text
+
+
+def chat_batch(processor, texts: list[str], images, **kwargs):
+    """`processor(text=texts, images=images)` for rendered chats, tokenized as the processor's
+    `apply_chat_template(tokenize=True)` does: no second BOS where the template wrote one
+    (LLaVA, Gemma 3)."""
+    wrote_bos = template_wrote_bos(texts[0], processor.tokenizer.bos_token)
+    return processor(text=texts, images=images, add_special_tokens=not wrote_bos, **kwargs)
 
 
 def encode(vlm, samples, *, with_answer: bool = False, answer_eos: bool = False, device=None):
@@ -28,7 +37,7 @@ def encode(vlm, samples, *, with_answer: bool = False, answer_eos: bool = False,
     answers = [(s.answer + eos) if with_answer and s.answer else None for s in samples]
     texts = [chat_text(processor, s.prompt, a) for s, a in zip(samples, answers, strict=True)]
     images = [[s.image] for s in samples]
-    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    batch = chat_batch(processor, texts, images, return_tensors="pt", padding=True)
     if with_answer:
         lengths = [len(tokenizer(a or "", add_special_tokens=False).input_ids) for a in answers]
         mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)

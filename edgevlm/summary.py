@@ -19,7 +19,7 @@ def describe(name: str, seed: int = 0) -> dict:
 
     from edgevlm.loader import _check_processor_files, resolve
     from edgevlm.processors import load_processor
-    from edgevlm.prompting import chat_text
+    from edgevlm.prompting import chat_batch, chat_text
 
     path = resolve(name, seed=seed)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -40,7 +40,7 @@ def describe(name: str, seed: int = 0) -> dict:
     _check_processor_files(path)
     processor = load_processor(path, adapter)
     image = Image.new("RGB", (384, 384), (128, 128, 128))
-    batch = processor(text=[chat_text(processor, "Describe.")], images=[[image]], return_tensors="pt")
+    batch = chat_batch(processor, [chat_text(processor, "Describe.")], [[image]], return_tensors="pt")
     image_tokens = int(adapter.visual_mask(batch["input_ids"], config).sum())
     text_config = config.get_text_config()
     plan = getattr(config, "edgevlm_plan", None)

@@ -267,7 +267,7 @@ def test_runner_greedy_tokens_equal_pytorch(exports, family):
     import torch
 
     from edgevlm.devices import get_profile
-    from edgevlm.prompting import chat_text
+    from edgevlm.prompting import chat_batch, chat_text
     from edgevlm.runtimes.bench import make_runner
 
     out, art = exports(family)
@@ -279,8 +279,8 @@ def test_runner_greedy_tokens_equal_pytorch(exports, family):
     prompt = "What is in this picture?"
     trace = runner.generate(image, prompt, max_tokens=GEN_TOKENS, ignore_eos=True)
     vlm = load_tiny(family)
-    batch = vlm.processor(text=[chat_text(vlm.processor, prompt)], images=[[image]],
-                          return_tensors="pt")
+    batch = chat_batch(vlm.processor, [chat_text(vlm.processor, prompt)], [[image]],
+                       return_tensors="pt")
     model = copy.deepcopy(vlm.model)
     model.generation_config.eos_token_id = None  # generate exactly GEN_TOKENS, as the runner
     with torch.no_grad():

@@ -67,11 +67,11 @@ def hf_processor(folder: Path):
 
 
 def hf_inputs(folder: Path, image, prompt: str = PROMPT, **kwargs) -> dict:
-    from edgevlm.prompting import chat_text
+    from edgevlm.prompting import chat_batch, chat_text
 
     processor = hf_processor(folder)
-    out = processor(text=[chat_text(processor, prompt)], images=[[image]], return_tensors="np",
-                    **kwargs)
+    out = chat_batch(processor, [chat_text(processor, prompt)], [[image]], return_tensors="np",
+                     **kwargs)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -119,6 +119,24 @@ def test_k256_variant_folders(family):
     assert_same(load_preprocessor(folder)(image, PROMPT), hf_inputs(folder, image))
 
 
+def test_chat_ids_have_one_bos_as_apply_chat_template(family):
+    """Rendered chats are tokenized as the processor's apply_chat_template(tokenize=True):
+    where the template writes BOS (LLaVA, Gemma 3) no second one is added, on the torch side
+    (edgevlm.prompting) and in the runtime preprocessing alike."""
+    from edgevlm.prompting import chat_batch, chat_text
+
+    folder = folder_of(family)
+    processor, image = hf_processor(folder), IMAGES["40x30"]()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    hf = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, images=[image])["input_ids"]
+    ours = chat_batch(processor, [chat_text(processor, PROMPT)], [[image]])["input_ids"]
+    runtime = load_preprocessor(folder)(image, PROMPT)["input_ids"]
+    assert list(ours[0]) == list(hf[0]) == runtime[0].tolist()
+    bos = processor.tokenizer.bos_token_id
+    assert bos is None or list(ours[0][:2]) != [bos, bos]
+
+
 def test_chat_text_matches_processor_template(family):
     from edgevlm.prompting import chat_text
 
@@ -127,6 +145,8 @@ def test_chat_text_matches_processor_template(family):
 
 
 def test_several_images_and_text_only(family):
+    from edgevlm.prompting import chat_batch
+
     folder = folder_of(family)
     processor, pre = hf_processor(folder), load_preprocessor(folder)
     prompt = "Compare them: ünïcödé 😀 <b>&"
@@ -134,13 +154,13 @@ def test_several_images_and_text_only(family):
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}],
                                          add_generation_prompt=True, tokenize=False)
-    reference = processor(text=[text], images=[[first, second]], return_tensors="np")
+    reference = chat_batch(processor, [text], [[first, second]], return_tensors="np")
     assert_same(pre([first, second], prompt), {k: np.asarray(v) for k, v in reference.items()})
 
     content = [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}],
                                          add_generation_prompt=True, tokenize=False)
-    reference = processor(text=[text], return_tensors="np")
+    reference = chat_batch(processor, [text], None, return_tensors="np")
     assert_same(pre(None, prompt), {k: np.asarray(v) for k, v in reference.items()})
 
 

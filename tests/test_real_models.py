@@ -209,12 +209,10 @@ def _torch_agrees(vlm, image, prompt: str, got: list[int], rms_eps: float | None
     import torch
 
     from edgevlm.export.gguf_export.verify import text_rms_eps
-    from edgevlm.prompting import chat_text
+    from edgevlm.prompting import chat_batch, chat_text
 
-    # The rendered template already holds BOS (Gemma 3, LLaVA): tokenized as HF's
-    # apply_chat_template(tokenize=True) and both runners do, without adding another.
-    batch = vlm.processor(text=[chat_text(vlm.processor, prompt)], images=[[image]],
-                          return_tensors="pt", add_special_tokens=False)
+    batch = chat_batch(vlm.processor, [chat_text(vlm.processor, prompt)], [[image]],
+                       return_tensors="pt")
     n = batch["input_ids"].shape[1]
     tail = torch.tensor([got[:-1]], dtype=batch["input_ids"].dtype)
     for key, value in list(batch.items()):  # extend every per-token tensor by the tokens fed

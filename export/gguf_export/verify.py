@@ -73,10 +73,10 @@ def torch_reference(vlm, image, prompt: str, gen_tokens: int):
     continuation, M-RoPE grid (rows, cols) of merged patches or None)."""
     import torch
 
-    from edgevlm.prompting import chat_text
+    from edgevlm.prompting import chat_batch, chat_text
 
     proc = vlm.processor
-    batch = proc(text=[chat_text(proc, prompt)], images=[[image]], return_tensors="pt")
+    batch = chat_batch(proc, [chat_text(proc, prompt)], [[image]], return_tensors="pt")
     captured = {}
     stack = vlm.adapter.text_stack(vlm.model)
     hook = stack.register_forward_pre_hook(

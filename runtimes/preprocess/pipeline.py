@@ -87,7 +87,7 @@ class Preprocessor:
 
     def encode(self, text: str) -> dict[str, np.ndarray]:
         """input_ids / attention_mask (1, seq) int64, plus the family's token types."""
-        ids = np.array([self.tokens.encode(text)], dtype=np.int64)
+        ids = np.array([self.tokens.encode_chat(text)], dtype=np.int64)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids),
                 **self.images.text_outputs(ids)}
 

@@ -21,6 +21,12 @@ def _token_text(value) -> str | None:
     return None
 
 
+def template_wrote_bos(text: str, bos_token: str | None) -> bool:
+    """transformers' processor rule for a rendered chat: a text that already starts with the
+    BOS token is tokenized without special tokens, so the template's BOS is the only one."""
+    return bool(bos_token) and text.startswith(bos_token)
+
+
 def chat_template_of(files: CheckpointFiles) -> str | None:
     """The chat template, looked up where transformers' processor finds it first:
     chat_template.jinja, chat_template.json, processor_config.json, tokenizer_config.json."""
@@ -140,6 +146,11 @@ class ChatTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for a text, as the processor's tokenizer call (`add_special_tokens=True`)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Token ids for a rendered chat, as the processor's `apply_chat_template(tokenize=True)`."""
+        bos = self.special_tokens.get("bos_token")
+        return self.encode(text, add_special_tokens=not template_wrote_bos(text, bos))
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         """Text for token ids, as the transformers tokenizer's `decode`."""
