@@ -10,6 +10,11 @@ from pathlib import Path
 from edgevlm.errors import UsageError
 from edgevlm.types import LayerScores
 
+# Part of every cached scores file's name: bump it when a scorer or the prompt encoding
+# changes the numbers computed for the same model and samples, so that older cached scores are
+# never reused (2: SVL averages then normalises; one BOS for LLaVA / Gemma 3 prompts).
+SCORES_VERSION = 2
+
 # How often score_cached computed vs reused scores in this process (observability, tests).
 STATS: Counter = Counter()
 
@@ -40,7 +45,8 @@ def cache_key(method: str, options: dict, fingerprint: str, calibration_fingerpr
 def cache_file(key: dict) -> Path:
     from edgevlm.loader import cache_dir
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    versioned = {**key, "scores_version": SCORES_VERSION}
+    digest = hashlib.sha256(json.dumps(versioned, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir() / "scores" / f"{key['method']}-{digest}.json"
 
 
