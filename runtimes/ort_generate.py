@@ -159,12 +159,7 @@ class OnnxVLM:
     # --- ShortV freeze prefill ---------------------------------------------------------
     def _run_freeze(self, input_ids, inputs, embeds):
         """The freeze prefill graph on a whole prompt: (last logits, present KV list)."""
-        if self.mrope:
-            positions = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"),
-                                           self.config)[:, None, :]
-        else:
-            start = POSITION_START.get(self.family, 0)
-            positions = np.arange(start, start + input_ids.shape[1], dtype=np.int64)[None]
+        positions, _ = self.position_ids(input_ids, inputs)  # the freeze graph always takes them
         text_rows = np.nonzero(input_ids[0] != self.image_token_id)[0].astype(np.int64)
         outputs = self.freeze_prefill.run(None, {
             "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
@@ -217,6 +212,10 @@ class OnnxVLM:
         the M-RoPE offset that continues them during decode."""
         if not self.has_position_ids:
             return None, 0
+        return self.position_ids(input_ids, inputs)
+
+    def position_ids(self, input_ids, inputs):
+        """The prompt's position ids (M-RoPE: (3, 1, S)) and the offset that continues them."""
         if self.mrope:
             pos = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"), self.config)
             return pos[:, None, :], int(pos.max()) + 1 - input_ids.shape[1]
