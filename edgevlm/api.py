@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from edgevlm.errors import UsageError
+from edgevlm.loader import DEFAULT_MODEL  # torch-free at import, like this module
 from edgevlm.types import JsonMixin
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 _PLAN_ATTR = "_edgevlm_api_plan"  # the PrunePlan prune_() applied, kept on the nn.Module
 
 
