@@ -175,18 +175,16 @@ def export(model, out: str | Path, target: str | _ExportConfig = "onnx", *, cali
             from edgevlm.loader import resolve
 
             name, model_dir, plan = str(model), resolve(str(model)), None
-            record = _config_plan(model_dir)
         else:
             spec.check(config.quant, model.config,
                        **{k: v for k, v in options.items() if k != "name"})
             name, plan = model.name, getattr(model.model, _PLAN_ATTR, None)
-            record = getattr(model.config, "edgevlm_plan", None)
             model_dir = model.path if _in_sync(model) else _save(model, tmp / "pruned")
         if config.target == "gguf" and options.get("name") is None:
             options["name"] = export_name(name, plan)
         with native_stdout_silenced(not progress):
             artifact = export_target(spec.name, Path(model_dir), tmp, quant=config.quant,
-                                     plan=record, base_model=name, verify=verify,
+                                     base_model=name, verify=verify,
                                      samples=samples, progress=progress, **options)
     return artifact
 
@@ -256,11 +254,6 @@ def _device(name: str):
         facts = HostFacts.read()
         return detect(facts), facts
     return get_profile(name), None
-
-
-def _config_plan(model_dir) -> dict | None:
-    config = Path(model_dir) / "config.json"
-    return json.loads(config.read_text()).get("edgevlm_plan") if config.exists() else None
 
 
 def _in_sync(vlm) -> bool:

@@ -205,13 +205,13 @@ def _check_width_and_recovery(args) -> None:
 
 def _prune_stage(args, vlm, calib, tmp: Path):
     """Prune `vlm` into tmp/pruned (layers, with optional compensation, or width) and write
-    the plan; returns (plan, checkpoint folder, plan record for the manifest)."""
+    the plan; returns (plan, checkpoint folder)."""
     from edgevlm import pipeline
 
     if args.axis == "width":
         plan, model_dir = pipeline.width_prune_and_save(vlm, calib.scoring, args.ratio, tmp,
                                                         batch_size=args.batch_size)
-        return plan, model_dir, plan.config_record()
+        return plan, model_dir
     scores, plan = _plan(args, vlm, calib)
     k = args.compensate or (plan.compensation or {}).get("k")  # a replayed plan keeps its k
     if k:
@@ -220,7 +220,7 @@ def _prune_stage(args, vlm, calib, tmp: Path):
         pipeline.write_scores(tmp, scores, plan)
     else:
         plan.save(tmp / "plan.json")
-    return plan, pipeline.prune_and_save(vlm, plan, tmp), plan.to_dict()
+    return plan, pipeline.prune_and_save(vlm, plan, tmp)
 
 
 def cmd_prune(args) -> int:
@@ -231,7 +231,7 @@ def cmd_prune(args) -> int:
     calib = pipeline.calibration(args.calib, args.seed)
     vlm = _load(args, args.model)
     with staged_dir(args.out, args.force) as tmp:
-        plan, _, _ = _prune_stage(args, vlm, calib, tmp)
+        plan, _ = _prune_stage(args, vlm, calib, tmp)
     if args.axis == "width":
         print(f"pruned model: {args.out}/pruned (width, {plan.summary()})")
         return 0
@@ -355,21 +355,19 @@ def cmd_export(args) -> int:
     with staged_dir(args.out, args.force) as tmp:
         plan = None
         if pruning:
-            plan, model_dir, plan_record = _prune_stage(args, vlm, calib, tmp)
+            plan, model_dir = _prune_stage(args, vlm, calib, tmp)
         else:
-            model_dir, plan_record = vlm.path, getattr(vlm.config, "edgevlm_plan", None)
+            model_dir = vlm.path
         del vlm  # the exporter reloads the saved checkpoint as its reference
-        if args.recover:
+        if args.recover:  # the healed checkpoint's config.json records the recovery
             from edgevlm.recovery.commands import recover_for_export
 
-            model_dir, recovery = recover_for_export(args, model_dir, tmp)
-            plan_record = dict(plan_record, recovery=recovery)
+            model_dir, _ = recover_for_export(args, model_dir, tmp)
         extra = dict(options, name=pipeline.export_name(args.model, plan)) if (
             target.name == "gguf") else options
         with native_stdout_silenced(not args.verbose):
             artifact = pipeline.export_target(
-                target.name, model_dir, tmp, quant=quant, plan=plan_record,
-                base_model=args.model, verify=not args.no_verify, samples=samples,
+                target.name, model_dir, tmp, quant=quant, base_model=args.model, verify=not args.no_verify, samples=samples,
                 progress=not args.quiet, **extra)
         budget = budget_cli.apply_to_export(args, tmp, artifact)
     print(f"exported {args.model} -> {args.out} ({target.name}, {quant})")

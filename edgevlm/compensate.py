@@ -132,6 +132,7 @@ def uncompensated_twin(base, plan_record: dict):
 
     twin = LoadedVLM(model=copy.deepcopy(base.model), processor=base.processor,
                      adapter=base.adapter, name=f"{base.name} (uncompensated)", path=base.path)
-    prune_(twin, PrunePlan(plan_record.get("method", "manual"), plan_record["original_layers"],
-                           list(plan_record["dropped"]), ratio=plan_record.get("ratio")))
+    plan = PrunePlan.from_dict(plan_record)
+    plan.compensation = None
+    prune_(twin, plan)
     return twin

@@ -115,15 +115,20 @@ def export_name(model: str, plan: PrunePlan | None) -> str:
     return f"{stem}-{plan.method}{amount}"
 
 
-def export_target(target_name: str, model_dir: Path, out: Path, *, quant: str, plan: dict | None,
-                  base_model: str, verify: bool, samples, **kwargs):
-    """Run a target's exporter into `out` and write out/manifest.json."""
+def export_target(target_name: str, model_dir: Path, out: Path, *, quant: str, base_model: str,
+                  verify: bool, samples, plan: PrunePlan | None = None, **kwargs):
+    """Run a target's exporter into `out` and write out/manifest.json, named after
+    `base_model`. The manifest's plan is the one the checkpoint's config.json records; a
+    `plan` given here must be that same plan (a check, not an override)."""
     from edgevlm.targets import TARGETS
 
     target = TARGETS.get(target_name)
     artifact = target.export(Path(model_dir), Path(out), quant=quant, verify=verify,
                              samples=samples, **kwargs)
+    if plan is not None and artifact.plan != plan:
+        raise UsageError(f"the plan given ({plan.layers}) is not the one {model_dir}'s "
+                         f"config.json records ({artifact.plan.layers if artifact.plan else None})",
+                         "export the checkpoint that plan made")
     artifact.base_model = base_model
-    artifact.plan = plan
     artifact.save(Path(out) / "manifest.json")
     return artifact

@@ -163,3 +163,42 @@ def random_plan(n_total: int, n: int, rng: random.Random, *, protected=(), layer
     scores = LayerScores(method="random", scores=values)
     return make_plan(scores, n_layers=n, protect=list(protected), layer_types=layer_types,
                      layer_period=layer_period)
+
+
+# config.json's key for the plan (PrunePlan's JSON form, written by prune_ and width pruning).
+PLAN_CONFIG_KEY = "edgevlm_plan"
+
+
+def plan_from_config(config: dict) -> PrunePlan | None:
+    """The plan a checkpoint's config.json records, as a PrunePlan (None: not pruned): its
+    `edgevlm_plan`, or a ShortV freeze record as a plan of mode 'freeze', with a vision-tower
+    record as `vision`. A record of an older edgevlm (keys `dropped`/`original_layers`) is
+    refused: its meaning is not guessed."""
+    from edgevlm.freeze import FREEZE_CONFIG_KEY
+    from edgevlm.vision_prune import VISION_PLAN_CONFIG_KEY
+
+    record = config.get(PLAN_CONFIG_KEY)
+    freeze = config.get(FREEZE_CONFIG_KEY)
+    vision = config.get(VISION_PLAN_CONFIG_KEY)
+    plan = None
+    if record:
+        if "dropped" in record or "original_layers" in record:
+            raise UsageError(f"config.json's {PLAN_CONFIG_KEY} was written by an older edgevlm "
+                             "(keys 'dropped'/'original_layers')",
+                             "prune the base model again with this edgevlm (edgevlm prune ...)")
+        plan = PrunePlan.from_dict(record)
+    elif freeze:
+        plan = PrunePlan(method=freeze.get("method", "manual"), n_layers=int(freeze["n_layers"]),
+                         layers=list(freeze["layers"]), mode="freeze", ratio=freeze.get("ratio"))
+    if vision and (plan is None or plan.vision is None):
+        vplan = PrunePlan(method=vision.get("method", "manual"),
+                          n_layers=int(vision["original_layers"]), layers=list(vision["dropped"]),
+                          ratio=vision.get("ratio")).to_dict()
+        plan = plan or PrunePlan(method=vplan["method"], n_layers=_text_layers(config), layers=[])
+        plan.vision = vplan
+    return plan.validate() if plan else None
+
+
+def _text_layers(config: dict) -> int:
+    text = config.get("text_config") or config
+    return int(text["num_hidden_layers"])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgevlm.plan import PLAN_CONFIG_KEY
 from edgevlm.types import PrunePlan
-
-PLAN_CONFIG_KEY = "edgevlm_plan"
 
 
 def prune_(vlm, plan: PrunePlan) -> None:
@@ -43,11 +42,8 @@ def prune_(vlm, plan: PrunePlan) -> None:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
     _slice_config(text_config, kept, plan.n_layers, adapter.per_layer_config_keys)
-    record = {"method": plan.method, "ratio": plan.ratio, "original_layers": plan.n_layers,
-              "dropped": plan.layers, "kept": kept, "protected": list(plan.protected)}
-    if plan.compensation:
-        record["compensation"] = plan.compensation
-    setattr(model.config, PLAN_CONFIG_KEY, record)
+    # The plan itself (PrunePlan's JSON form): the manifest and every reader take it as is.
+    setattr(model.config, PLAN_CONFIG_KEY, plan.to_dict())
 
 
 def _slice_config(text_config, kept: list[int], n_total: int, keys) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ class JsonMixin:
         if unknown:
             raise UsageError(f"{cls.__name__}: unknown keys {sorted(unknown)}",
                              "was this file written by a newer edgevlm?")
+        missing = [f.name for f in fields(cls) if f.name not in data
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise UsageError(f"{cls.__name__}: missing keys {missing}",
+                             "was this file written by another edgevlm version?")
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
@@ -94,6 +99,9 @@ class PrunePlan(JsonMixin):
     # Training-free subspace compensation applied when the layers were removed
     # (edgevlm.compensate): k, the edited layers, the calibration used.
     compensation: dict | None = None
+    # Uniform width pruning (edgevlm.width) instead of removing layers: query heads, kv heads,
+    # MLP channels as [before, after], head_dim, decoder-layer parameters; `layers` is empty.
+    width: dict | None = None
 
     @property
     def kept(self) -> list[int]:
@@ -130,6 +138,38 @@ class FileEntry(JsonMixin):
     dtype: str = ""
 
 
+# manifest.json's schema. 2: `plan` is a PrunePlan, `io` an ExportIO read by the runners,
+# quantization keys `decoder` / `vision_encoder` on both targets, `recovery` on its own.
+MANIFEST_SCHEMA = 2
+
+
+@dataclass
+class ExportIO(JsonMixin):
+    """manifest.io: what a runner needs to feed an export, written by the exporter and read
+    by both runners (they re-derive none of it from config.json)."""
+
+    family: str
+    image_token_id: int | None
+    image_token: str | None  # the token's text, e.g. "<image>"
+    num_layers: int  # decoder layers in the exported model
+    hidden_size: int
+    vocab_size: int
+    files: dict[str, dict[str, str]]  # role -> precision -> path relative to the manifest
+    graphs: dict = field(default_factory=dict)  # ONNX: each graph's I/O, KV geometry, positions
+    gguf: dict = field(default_factory=dict)  # GGUF: text arch, projector, image, tokenizer
+
+    def path(self, role: str, precision: str | None = None) -> str:
+        """The file of `role` at `precision` (None: the role's only file)."""
+        have = self.files.get(role) or {}
+        if precision is None and len(have) == 1:
+            return next(iter(have.values()))
+        if precision not in have:
+            raise UsageError(f"this export has no {role} file at precision '{precision}'",
+                             f"it has: {', '.join(sorted(have)) or 'none'}; export it with "
+                             "that quantization")
+        return have[precision]
+
+
 @dataclass
 class ExportArtifact(JsonMixin):
     """manifest.json: everything a runner needs to run and trust an export."""
@@ -137,23 +177,43 @@ class ExportArtifact(JsonMixin):
     target: str
     files: list[FileEntry]
     base_model: str
-    family: str
-    plan: dict | None = None
+    io: ExportIO
+    plan: PrunePlan | None = None  # what was removed or frozen; None for an unpruned model
+    recovery: dict | None = None  # `heal` record when the checkpoint was trained back
     quantization: dict = field(default_factory=dict)
-    io: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = MANIFEST_SCHEMA
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ExportArtifact:
-        if int(data.get("schema_version", 0)) > SCHEMA_VERSION:
+    def from_dict(cls, data: dict, source: str = "manifest.json") -> ExportArtifact:
+        version = data.get("schema_version")
+        if not isinstance(version, int) or version < MANIFEST_SCHEMA:
+            target = data.get("target") or "onnx|gguf"
+            model = data.get("base_model") or "MODEL"
             raise UsageError(
-                f"manifest schema {data['schema_version']} is newer than this edgevlm "
-                f"understands ({SCHEMA_VERSION})", "pip install -U edgevlm")
-        data = dict(data, files=[FileEntry.from_dict(f) for f in data.get("files", [])])
+                f"{source} was made by an older edgevlm (manifest schema {version or 'none'}, "
+                f"this version reads {MANIFEST_SCHEMA})",
+                f"re-export it with `edgevlm export --model {model} --target {target} ...`")
+        if version > MANIFEST_SCHEMA:
+            raise UsageError(f"{source} has manifest schema {version}, newer than this edgevlm "
+                             f"reads ({MANIFEST_SCHEMA})", "pip install -U edgevlm")
+        data = dict(data, files=[FileEntry.from_dict(f) for f in data.get("files", [])],
+                    io=ExportIO.from_dict(data.get("io") or {}),
+                    plan=PrunePlan.from_dict(data["plan"]) if data.get("plan") else None)
         return super().from_dict.__func__(cls, data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExportArtifact:
+        path = Path(path)
+        if not path.exists():
+            raise UsageError(f"{path} does not exist", "pass an export folder or its manifest.json")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON: {exc}", "export it again") from exc
+        return cls.from_dict(data, str(path))
 
     def file(self, role: str) -> FileEntry | None:
         return next((f for f in self.files if f.role == role), None)

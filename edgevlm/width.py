@@ -47,13 +47,16 @@ class WidthPlan(JsonMixin):
     layers: list[int] = field(default_factory=list)  # no layer is removed
 
     def config_record(self) -> dict:
-        """What goes into config.json (`edgevlm_plan`): the summary, not the index lists."""
-        return {"axis": "width", "method": self.method, "ratio": self.ratio,
-                "original_layers": self.n_layers, "dropped": [],
-                "kept": list(range(self.n_layers)), "heads": self.heads,
-                "kv_heads": self.kv_heads, "intermediate": self.intermediate,
-                "head_dim": self.head_dim, "parameters": self.parameters,
-                **({"attention_note": self.attention_note} if self.attention_note else {})}
+        """What goes into config.json (`edgevlm_plan`) and the manifest: a PrunePlan that
+        removes no layer, with this plan's summary (not the index lists) as `width`."""
+        from edgevlm.types import PrunePlan
+
+        width = {"heads": self.heads, "kv_heads": self.kv_heads,
+                 "intermediate": self.intermediate, "head_dim": self.head_dim,
+                 "parameters": self.parameters,
+                 **({"attention_note": self.attention_note} if self.attention_note else {})}
+        return PrunePlan(method=self.method, n_layers=self.n_layers, layers=[],
+                         ratio=self.ratio, width=width).to_dict()
 
     def summary(self) -> str:
         p = self.parameters

@@ -1,12 +1,14 @@
-"""Building manifest.json entries and the tool-version record."""
+"""Building manifest.json: file entries, the tool-version record, and what the exported
+checkpoint's config.json says about its history (plan, recovery, name)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from importlib import metadata
 from pathlib import Path
 
-from edgevlm.types import FileEntry
+from edgevlm.types import FileEntry, PrunePlan
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -35,3 +37,18 @@ def tool_versions(*packages: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def checkpoint_records(model_dir: Path) -> tuple[PrunePlan | None, dict | None, str]:
+    """(plan, recovery record, name) of the checkpoint folder an export is made from: the
+    manifest takes them from its config.json, the one record of what was done to it, so
+    every path that exports a checkpoint writes the same plan."""
+    from edgevlm.plan import plan_from_config
+    from edgevlm.recovery.heal import RECOVERY_CONFIG_KEY
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    recovery = config.get(RECOVERY_CONFIG_KEY)
+    if recovery:  # the per-step losses stay with the checkpoint
+        recovery = {k: v for k, v in recovery.items() if k != "losses"}
+    name = str(config.get("_name_or_path") or Path(model_dir).resolve().name)
+    return plan_from_config(config), recovery or None, name

@@ -103,11 +103,10 @@ class Session:
         facts = getattr(self.runner, "model_facts", None)
         self.header = {
             "export": {"path": str(self.root), "target": self.artifact.target,
-                       "family": self.artifact.family,
-                       "quant": self.artifact.quantization.get("type") or self.artifact.quantization,
-                       "decoder_layers": (self.artifact.io.get("num_layers")
-                                          or self.artifact.io.get("n_layers")),
-                       "plan": self.artifact.plan},
+                       "family": self.artifact.io.family,
+                       "quant": self.artifact.quantization["decoder"],
+                       "decoder_layers": self.artifact.io.num_layers,
+                       "plan": self.artifact.plan.to_dict() if self.artifact.plan else None},
             "runtime": self.runner.name, "threads": self.runner.threads, "load_s": self.load_s,
             "load_mb": memory.peaks.get("load"), "facts": facts() if facts else None,
             "versions": _versions(self.runner)}

@@ -186,9 +186,9 @@ def llamacpp_image_max_tokens(artifact, max_tokens: int | None) -> int:
     if max_tokens is None:
         return 0
     check_value(max_tokens)
-    family = artifact.family
+    family = artifact.io.family
     if family == "smolvlm":
-        per_tile = int(((artifact.io or {}).get("image") or {}).get("image_tokens_per_tile") or 0)
+        per_tile = int((artifact.io.gguf.get("image") or {}).get("image_tokens_per_tile") or 0)
         if per_tile:
             if max_tokens < 2 * per_tile:
                 raise UsageError(

@@ -91,8 +91,8 @@ class LlamaCppRunner(Runner):
         from llama_cpp import mtmd_cpp as mtmd
 
         silence_native_logs()
-        text = self.root / self.artifact.file("text_model").path
-        mmproj = self.root / self.artifact.file("mmproj").path
+        text = self.root / self.artifact.io.path("text_model")
+        mmproj = self.root / self.artifact.io.path("mmproj")
         gpu_layers = self.profile.gpu_layers if self.profile else 0
         threads = self.threads or 0
         self.llm = llama_cpp.Llama(
@@ -130,7 +130,7 @@ class LlamaCppRunner(Runner):
         from llama_cpp import mtmd_cpp as mtmd
 
         text = render_chat(self.template, prompt, bos=self.bos, eos=self.eos)
-        spec = families.family(self.artifact.family)
+        spec = families.family(self.artifact.io.family)
         placeholder = spec.gguf_image_text
         marker = mtmd.mtmd_default_marker().decode()
         if placeholder not in text:
@@ -164,7 +164,7 @@ class LlamaCppRunner(Runner):
             if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
             == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
         try:
-            check_llamacpp_count(self.artifact.family, image_tokens, self.max_image_tokens)
+            check_llamacpp_count(self.artifact.io.family, image_tokens, self.max_image_tokens)
             self._check_fits(chunks, image_tokens)
         except UsageError:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -301,8 +301,8 @@ class LlamaCppRunner(Runner):
             vision_shape_from_gguf,
         )
 
-        text, tensors = read_gguf(self.root / self.artifact.file("text_model").path)
-        mmproj, _ = read_gguf(self.root / self.artifact.file("mmproj").path)
+        text, tensors = read_gguf(self.root / self.artifact.io.path("text_model"))
+        mmproj, _ = read_gguf(self.root / self.artifact.io.path("mmproj"))
         return {"text": text_shape_from_gguf(text), "vision": vision_shape_from_gguf(mmproj),
                 "decoder_weight_bytes": gguf_decode_bytes(tensors), "kv_bytes_per_value": 2}
 

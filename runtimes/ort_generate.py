@@ -26,8 +26,8 @@ POSITION_START = {f.name: f.onnx_position_start for f in families.TABLE if f.onn
 # Batching tiles buys nothing on a CPU (one 512 px tile is already 1,024 rows per matmul).
 VISION_TILE_CHUNK = 1
 TILE_KEYS = ("pixel_values", "pixel_attention_mask")  # processor outputs indexed by tile
-# ShortV freeze prefill graph (export/onnx_export/freeze_prefill.py), if the export has one.
-FREEZE_PREFILL = "decoder_model_merged_prefill_freeze"
+# ShortV freeze prefill graph's role in manifest.io (export/onnx_export/freeze_prefill.py).
+FREEZE_PREFILL = "decoder_prefill_freeze"
 
 
 @dataclass
@@ -68,39 +68,46 @@ class OnnxVLM:
 
     def __init__(self, folder: str | Path, *, quant: str = "none", vision_quant: str = "none",
                  threads: int | None = None, providers=None, share_buffer: bool | None = None,
-                 tile_chunk: int | None = VISION_TILE_CHUNK, freeze: bool = True):
-        """`freeze`: prefill prompts with image tokens through the ShortV freeze prefill graph
-        when the export has one (`decoder_model_merged_prefill_freeze*.onnx`); False runs the
-        normal decoder for prefill too."""
+                 tile_chunk: int | None = VISION_TILE_CHUNK, freeze: bool = True, io=None):
+        """`folder`: the export's `onnx/` folder. `io`: the manifest's ExportIO (default: read
+        from the manifest.json above `folder`); the graphs, family and image token come from
+        it. `freeze`: prefill prompts with image tokens through the ShortV freeze prefill graph
+        when the export has one; False runs the normal decoder for prefill too."""
         folder = Path(folder)
+        if io is None:
+            from edgevlm.types import ExportArtifact
+
+            io = ExportArtifact.load(folder.parent / "manifest.json").io
+        root = folder.parent  # io's paths are relative to the manifest
+        self.io = io
         self.tile_chunk = tile_chunk
         self.folder = folder
-        self.config = json.loads((folder / "config.json").read_text())
-        spec = families.for_config(self.config)
-        self.family = spec.name if spec else ""
-        self.mrope = bool(spec and spec.mrope)
-        text = self.config.get("text_config", self.config)
-        self.image_token_id = families.image_token_id(self.config)
-        onnx_dir = folder / "onnx"
-        vision = onnx_dir / families.onnx_graph("vision_encoder", vision_quant)
+        self.config = json.loads((folder / "config.json").read_text())  # vision geometry
+        spec = families.family(io.family)
+        self.family = spec.name
+        self.mrope = spec.mrope
+        self.image_token_id = io.image_token_id
+        decoder_io = io.graphs["decoder"]
+        vision = io.files.get("vision_encoder", {}).get(vision_quant)
+        if vision_quant != "none" and vision is None:
+            io.path("vision_encoder", vision_quant)  # the one-line error listing what exists
         # The small graphs run right before the decoder: their idle threads must not spin on
         # the cores the decoder needs next.
         quiet = {"session.intra_op.allow_spinning": "0"}
         # The vision encoder runs once per prompt and its activations are the largest of the
         # three graphs: no arena, so they are returned after the image instead of being held
         # through prefill and decode.
-        self.vision = (session(vision, threads, providers, quiet, arena=False)
-                       if vision.exists() else None)
-        self.embed = session(onnx_dir / "embed_tokens.onnx", threads, providers, quiet)
-        self.decoder = Decoder(onnx_dir / families.onnx_graph("decoder_model_merged", quant),
-                               kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
-                               head_dim=int(text.get("head_dim")
-                                            or text["hidden_size"] // text["num_attention_heads"]),
+        self.vision = (session(root / vision, threads, providers, quiet, arena=False)
+                       if vision else None)
+        self.embed = session(root / io.path("embed_tokens", "none"), threads, providers, quiet)
+        self.decoder = Decoder(root / io.path("decoder", quant),
+                               kv_heads=int(decoder_io["num_kv_heads"]),
+                               head_dim=int(decoder_io["head_dim"]),
                                threads=threads, providers=providers, share_buffer=share_buffer)
         self.has_position_ids = self.decoder.has_position_ids
-        freeze_path = onnx_dir / families.onnx_graph(FREEZE_PREFILL, quant)
-        self.freeze_prefill = (session(freeze_path, threads, providers)
-                               if freeze and freeze_path.exists() else None)
+        freeze_path = io.files.get(FREEZE_PREFILL, {}).get(quant)
+        self.freeze_prefill = (session(root / freeze_path, threads, providers)
+                               if freeze and freeze_path else None)
 
     # --- pieces ------------------------------------------------------------------------
     def encode_image(self, inputs: dict) -> np.ndarray:
@@ -203,7 +210,7 @@ class OnnxVLM:
             logits = self.step(state, token)
         features = state.features
         if features is not None:  # without Gemma 3's image-flag channel
-            features = features[..., :int(self.config.get("text_config", self.config)["hidden_size"])]
+            features = features[..., :self.io.hidden_size]
         return Generation(tokens=tokens, prefill_logits=prefill, argmax=argmax,
                           image_features=features)
 

@@ -35,7 +35,8 @@ class OrtRunner(Runner):
         providers = self.profile.providers_for("decoder") if self.profile else None
         self.vlm = OnnxVLM(folder, quant=self.decoder_quant or quant.get("decoder", "none"),
                            vision_quant=self.vision_quant or quant.get("vision_encoder", "none"),
-                           threads=self.threads, providers=_available(providers))
+                           threads=self.threads, providers=_available(providers),
+                           io=self.artifact.io)
         self.pre = preprocessor(folder, self.max_image_tokens)  # the budget, if any
 
     def generate(self, image, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0,

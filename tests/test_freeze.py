@@ -260,10 +260,10 @@ def test_onnx_freeze_prefill_equals_pytorch(onnx_exports, family, calib):
     manifest = ExportArtifact.load(root / "manifest.json")
     entry = manifest.file("decoder_prefill_freeze")
     assert entry and entry.path == "onnx/onnx/decoder_model_merged_prefill_freeze.onnx"
-    assert manifest.io["decoder_prefill_freeze"]["frozen_layers"] == _frozen_set(family)
+    assert manifest.io.graphs["decoder_prefill_freeze"]["frozen_layers"] == _frozen_set(family)
     assert manifest.parity["freeze_prefill"]["kv_max_abs_diff"] < 1e-3
     assert manifest.parity["greedy_tokens_equal"]
-    assert manifest.plan["freeze"]["layers"] == _frozen_set(family)
+    assert manifest.plan.mode == "freeze" and manifest.plan.layers == _frozen_set(family)
 
     vlm = load(str(folder))
     runner = OnnxVLM(root / "onnx")

@@ -70,8 +70,8 @@ def test_f32_parity_in_llama_cpp(f32_export):
     for entry in art.files:
         assert (out / entry.path).stat().st_size == entry.bytes
         assert len(entry.sha256) == 64
-    assert art.target == "gguf" and art.family == family
-    assert art.io["n_layers"] == (12 if family == "gemma3" else 8)
+    assert art.target == "gguf" and art.io.family == family
+    assert art.io.num_layers == (12 if family == "gemma3" else 8)
     assert art.versions["llama.cpp"]["llama_cpp_python"]
     # nothing but the two files (no intermediate, no partial)
     assert sorted(p.name for p in (out / "gguf").iterdir()) == sorted(
@@ -124,7 +124,7 @@ def test_quantized_exports_run_and_record_agreement(family, quant, main, tmp_pat
     art = export_gguf(_tiny_dir(family), tmp_path, quant=quant, mmproj_type="q8_0"
                       if quant == "q8_0" else "f16", progress=False, gen_tokens=4)
     q = art.quantization
-    assert q["text"] == quant and q["text_tensor_types"].get(main, 0) > 0
+    assert q["decoder"] == quant and q["text_tensor_types"].get(main, 0) > 0
     assert q["fallback_tensors"] == []  # tiny shapes are block multiples
     assert 0.0 <= art.parity["text_top1_agreement"] <= 1.0
     assert art.parity["greedy_steps"] > 0
@@ -166,7 +166,7 @@ def test_pruned_checkpoint_block_count_and_parity(family, drop, tmp_path):
     kept = (12 if family == "gemma3" else 8) - len(drop)
     count, groups = _blocks(tmp_path / "out" / art.file("text_model").path)
     assert count == kept and groups == set(range(kept))
-    assert art.io["n_layers"] == kept and art.parity["passed"]
+    assert art.io.num_layers == kept and art.parity["passed"]
 
 
 def _gemma3_config(n_layers: int = 12, drop=(), **text) -> dict:
@@ -181,7 +181,7 @@ def _gemma3_config(n_layers: int = 12, drop=(), **text) -> dict:
     tcfg.update(num_hidden_layers=n_layers - len(drop),
                 layer_types=[t for i, t in enumerate(pattern) if i not in drop], **text)
     if drop:
-        cfg["edgevlm_plan"] = {"method": "bi", "dropped": list(drop)}
+        cfg["edgevlm_plan"] = {"method": "bi", "n_layers": n_layers, "layers": list(drop)}
     return cfg
 
 
@@ -262,7 +262,7 @@ def test_stock_chat_api_with_image_data_url(tmp_path):
 def test_stock_chat_api_on_verified_exports(f32_export):
     """M-RoPE (Qwen) and non-causal image tokens (Gemma 3) through the stock chat handler."""
     family, out, art = f32_export
-    side = art.io["image"].get("image_size") if family == "gemma3" else 224
+    side = art.io.gguf["image"].get("image_size") if family == "gemma3" else 224
     reply = _stock_chat(out, art, side=side, max_tokens=4)
     assert reply["usage"]["completion_tokens"] > 0
     assert isinstance(reply["choices"][0]["message"]["content"], str)
@@ -561,7 +561,7 @@ def test_real_style_tokenizer_matches_hf_in_llama_cpp(family, style, pre, tmp_pa
     art = export_gguf(folder, tmp_path / "out", quant="f32", mmproj_type="f32", progress=False,
                       gen_tokens=4)
     assert art.parity["passed"] and art.parity["tokenizer_matches"]
-    assert art.io["tokenizer"]["pre"] == pre
+    assert art.io.gguf["tokenizer"]["pre"] == pre
     path = tmp_path / "out" / art.file("text_model").path
     field = GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
     assert bytes(field.parts[field.data[0]]).decode() == pre

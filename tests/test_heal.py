@@ -175,7 +175,7 @@ def test_lora_merges_into_a_stock_checkpoint(tmp_path):
     changed = [k for k in got if not torch.equal(got[k], want[k])]
     assert changed and all(k.endswith(("proj.weight",)) for k in changed), changed
     assert healed.config.edgevlm_recovery["lora"] == 4
-    assert healed.config.edgevlm_plan["dropped"] == [1, 2]  # the plan is kept
+    assert healed.config.edgevlm_plan["layers"] == [1, 2]  # the plan is kept
 
 
 def test_projector_recipe_trains_only_the_projector(tmp_path):
@@ -361,7 +361,7 @@ def test_export_recover_chains_heal_and_verifies(target, quant, tmp_path, capsys
     captured = capsys.readouterr()
     assert code == 0, captured.err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["plan"]["recovery"]["recipe"] == "sft"
+    assert manifest["recovery"]["recipe"] == "sft" and manifest["plan"]["layers"]
     assert manifest["parity"] and "FAILED" not in captured.out
     healed = json.loads((out / "healed" / "config.json").read_text())
     assert healed["edgevlm_recovery"]["steps"] == 2

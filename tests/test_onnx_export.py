@@ -80,16 +80,16 @@ def test_export_layout_and_parity(exports, family):
     assert (root / f"onnx/decoder_model_merged{suffix}.onnx").is_file()
     assert (root / "onnx/vision_encoder_quantized.onnx").is_file() == (vquant == "int8")
     # Nothing but the export: no scratch folders, no builder leftovers.
-    assert sorted(p.name for p in out.iterdir()) == ["onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "onnx"]
     assert not list(root.rglob("model.onnx*"))
 
     roles = {f.role: f for f in art.files}
     assert {"vision_encoder", "embed_tokens", "decoder", f"decoder_{quant}"} <= set(roles)
     for entry in art.files:
         assert (out / entry.path).stat().st_size == entry.bytes and len(entry.sha256) == 64
-    assert art.target == "onnx" and art.family == family
-    assert art.io["decoder"]["path"] == DECODER_PATH.get(family, "genai-builder")
-    assert art.io["num_layers"] == load_tiny(family).adapter.num_layers(load_tiny(family).config)
+    assert art.target == "onnx" and art.io.family == family
+    assert art.io.graphs["decoder"]["path"] == DECODER_PATH.get(family, "genai-builder")
+    assert art.io.num_layers == load_tiny(family).adapter.num_layers(load_tiny(family).config)
     assert {"onnx", "onnxruntime", "onnxruntime-genai", "opset"} <= set(art.versions)
 
     parity = art.parity
@@ -188,7 +188,7 @@ def test_pruned_export_has_fewer_layers(tmp_path):
 
     pruned = pruned_checkpoint("llava", [2, 5], tmp_path / "pruned")
     art = export_onnx(pruned, tmp_path / "out", samples=_samples(), gen_tokens=8, progress=False)
-    assert art.io["num_layers"] == 6
+    assert art.io.num_layers == 6
     runner = OnnxVLM(tmp_path / "out" / "onnx")
     assert runner.decoder.num_layers == 6
     assert art.parity["greedy_tokens_equal"]

@@ -135,7 +135,7 @@ def test_pruned_checkpoint_reloads_with_stock_transformers(tiny, calib, tmp_path
     types = getattr(tiny.config.get_text_config(), "layer_types", None)
     if types:
         assert text_config.layer_types == [types[i] for i in plan.kept]
-    assert stock.config.edgevlm_plan["dropped"] == plan.layers
+    assert stock.config.edgevlm_plan == plan.to_dict()
     batch = model_inputs(encode(vlm, calib.scoring[:2]))
     with torch.no_grad():
         # the reloaded checkpoint == the ORIGINAL model with the dropped layers bypassed

@@ -80,7 +80,7 @@ def test_full_size_smolvlm_exports_with_verification_on(target, tmp_path, capsys
         assert parity["n_ctx"] >= 1024 + 256  # sized from the sample, not fixed
         for check in parity["checks"]:  # the CLI line lists every check with its tolerance
             assert check["what"] in printed
-        assert manifest["io"]["n_layers"] == 21
+        assert manifest["io"]["num_layers"] == 21
     else:
         assert parity["greedy_tokens_equal"]
 

@@ -41,7 +41,7 @@ def test_shapes_uniform_and_checkpoint_reloads(family, calib, tmp_path):
     text = stock.config.get_text_config()
     assert (text.num_attention_heads, text.num_key_value_heads, text.intermediate_size) == \
         (plan.heads[1], plan.kv_heads[1], 64)
-    assert stock.config.edgevlm_plan["axis"] == "width"
+    assert stock.config.edgevlm_plan["width"]["heads"] == plan.heads
     batch = encode(vlm, calib.heldout[:2])
     with torch.no_grad():
         want, got = vlm.model(**model_inputs(batch)).logits, stock(**model_inputs(batch)).logits
@@ -94,7 +94,8 @@ def test_width_pruned_exports_and_verifies(target, quant, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["plan"]["axis"] == "width" and manifest["parity"]
+    assert manifest["plan"]["width"]["kv_heads"][1] == 1 and manifest["plan"]["layers"] == []
+    assert manifest["parity"]
     assert "FAILED" not in captured.out
     config = json.loads((out / "pruned" / "config.json").read_text())["text_config"]
     assert (config["num_key_value_heads"], config["intermediate_size"]) == (1, 64)

@@ -14,7 +14,7 @@ from edgevlm.export.gguf_export.tokenizer import tokenizer_plan
 from edgevlm.export.gguf_export.vision import processor_config
 from edgevlm.export.gguf_export.writer import write_gguf
 from edgevlm.runtimes import families
-from edgevlm.types import ExportArtifact
+from edgevlm.types import ExportArtifact, ExportIO
 
 
 def _config_dict(model_config) -> dict:
@@ -178,7 +178,7 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
     Raises UsageError for bad arguments, VerificationError when llama.cpp disagrees with
     PyTorch beyond tolerance. The caller owns out_root's temp-dir + rename.
     """
-    from edgevlm.export.manifest import file_entry, tool_versions
+    from edgevlm.export.manifest import checkpoint_records, file_entry, tool_versions
 
     require("gguf", "gguf", "GGUF export")
     llama_cpp = require("llama_cpp", "gguf", "GGUF export", package="llama-cpp-python")
@@ -216,25 +216,31 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
     versions = tool_versions("gguf", "llama-cpp-python", "safetensors")
     versions["llama.cpp"] = _llama_build_info(llama_cpp)
     tcfg = cfg["text_config"]
-    return ExportArtifact(
+    spec_family = families.family(family)
+    artifact = ExportArtifact(
         target="gguf",
         files=[file_entry(out_root, text_path, "text_model", spec.name),
                file_entry(out_root, mm_path, "mmproj", mmproj_type)],
-        base_model=str((cfg.get("edgevlm_plan") or {}).get("base_model") or name),
-        family=family,
-        plan=cfg.get("edgevlm_plan"),
-        quantization={"text": spec.name, "text_method": spec.method, "mmproj": mmproj_type,
+        base_model="",
+        io=ExportIO(family=family, image_token_id=families.image_token_id(cfg),
+                    image_token=spec_family.image_token, num_layers=text_facts["n_layers"],
+                    hidden_size=int(tcfg["hidden_size"]), vocab_size=int(tcfg["vocab_size"]),
+                    files={"text_model": {spec.name: text_rel.as_posix()},
+                           "mmproj": {mmproj_type: mm_rel.as_posix()}},
+                    gguf={"text_arch": text_facts["arch"], "projector_type": mm_facts["projector"],
+                          "image": mm_facts["io"], "tokenizer": text_facts["tokenizer"]}),
+        quantization={"decoder": spec.name, "decoder_method": spec.method,
+                      "vision_encoder": mmproj_type,
                       "text_tensor_types": _count(text_facts["types"]),
                       "fallback_tensors": text_facts["fallback"],
                       "mmproj_tensor_types": _count(mm_facts["types"]),
                       "mmproj_fallback_tensors": mm_facts["fallback"]},
-        io={"text_arch": text_facts["arch"], "projector_type": mm_facts["projector"],
-            "n_layers": text_facts["n_layers"], "hidden_size": int(tcfg["hidden_size"]),
-            "vocab_size": int(tcfg["vocab_size"]), "image_token_id": families.image_token_id(cfg),
-            "image": mm_facts["io"], "tokenizer": text_facts["tokenizer"]},
         versions=versions,
         parity=parity,
     )
+    artifact.plan, artifact.recovery, artifact.base_model = checkpoint_records(model_dir)
+    artifact.save(out_root / "manifest.json")
+    return artifact
 
 
 def _count(types: dict[str, str]) -> dict[str, int]:

@@ -8,14 +8,13 @@ model builder; the vision encoder (+ projector) and the token embeddings from to
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from edgevlm.errors import UnsupportedModelError, UsageError
 from edgevlm.runtimes import families
-from edgevlm.types import ExportArtifact
+from edgevlm.types import ExportArtifact, ExportIO
 
 ONNX_QUANTS = tuple(families.ONNX_SUFFIX)
 VISION_QUANTS = ("none", "int8")
@@ -67,7 +66,7 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
     """
     from tqdm.auto import tqdm
 
-    from edgevlm.export.manifest import file_entry, tool_versions
+    from edgevlm.export.manifest import checkpoint_records, file_entry, tool_versions
     from edgevlm.export.onnx_export import layout, vision
     from edgevlm.export.onnx_export.quantize import quantize_int8_dynamic
     from edgevlm.export.onnx_export.textckpt import write_text_checkpoint
@@ -121,39 +120,40 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
             bar.set_postfix_str("freeze prefill (torch.onnx)")
             freeze_io = freeze_prefill.export_all(vlm, scratch, graphs, quants, files, _role)
             bar.update()
-        io_spec = _io_spec(vlm, graphs, vision_io, embed_io, arch)
-        if freeze_io:
-            io_spec["decoder_prefill_freeze"] = freeze_io
-        parity = {}
+        io = _export_io(vlm, out_root, files, graphs, vision_io, embed_io, arch, freeze_io)
+        artifact = ExportArtifact(
+            target="onnx",
+            files=[file_entry(out_root, p, role, dtype) for p, role, dtype in files],
+            base_model="", io=io,
+            quantization={"decoder": quant, "vision_encoder": vision_quant,
+                          "decoder_method": (BUILDER_METHOD if arch else TORCH_METHOD)[quant],
+                          "vision_method": ("onnxruntime quantize_dynamic QInt8"
+                                            if vision_quant == "int8" else "fp32"),
+                          "suffixes": {k: v for k, v in families.ONNX_SUFFIX.items() if v}},
+            versions={**tool_versions("onnx", "onnxruntime", "onnxruntime-genai", "onnxscript"),
+                      "opset": vision.OPSET, "onnx_ir_version": _onnx_ir_version()})
+        artifact.plan, artifact.recovery, artifact.base_model = checkpoint_records(model_dir)
+        # Verification runs the export as a device does: OnnxVLM reads this manifest.
+        artifact.save(out_root / "manifest.json")
         if verify:
             bar.set_postfix_str("verify")
-            parity = verify_export(vlm, dest, samples or _default_samples(), quants, vision_quant,
-                                   gen_tokens)
-            if freeze_io:
-                parity["freeze_prefill"] = freeze_prefill.verify_freeze_prefill(
+            artifact.parity = verify_export(vlm, dest, samples or _default_samples(), quants,
+                                            vision_quant, gen_tokens)
+            if freeze_io:  # checked against its own tolerances there; recorded beside ours
+                artifact.parity["freeze_prefill"] = freeze_prefill.verify_freeze_prefill(
                     vlm, dest, samples or _default_samples())
+            artifact.save(out_root / "manifest.json")
         bar.update()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         bar.close()
+    return artifact
+
+
+def _onnx_ir_version() -> int:
     import onnx
 
-    return ExportArtifact(
-        target="onnx",
-        files=[file_entry(out_root, p, role, dtype) for p, role, dtype in files],
-        base_model=_base_model(model_dir),
-        family=family,
-        plan=_plan_record(model_dir),
-        quantization={"decoder": quant, "vision_encoder": vision_quant,
-                      "decoder_method": (BUILDER_METHOD if io_spec["decoder"]["path"] == "genai-builder"
-                                         else TORCH_METHOD)[quant],
-                      "vision_method": "onnxruntime quantize_dynamic QInt8" if vision_quant == "int8" else "fp32",
-                      "suffixes": {k: v for k, v in families.ONNX_SUFFIX.items() if v}},
-        io=io_spec,
-        versions={**tool_versions("onnx", "onnxruntime", "onnxruntime-genai", "onnxscript"),
-                  "opset": vision.OPSET, "onnx_ir_version": onnx.IR_VERSION},
-        parity=parity,
-    )
+    return onnx.IR_VERSION
 
 
 DECODER_DTYPE = {"none": "float32", "int8": "int8", "q4": "int4"}
@@ -221,53 +221,47 @@ def _default_samples():
     return load_calibration("builtin:8", seed=0).heldout[:DEFAULT_SAMPLES]
 
 
-def _plan_record(model_dir: Path) -> dict | None:
-    """The checkpoint's plan record; a ShortV freeze record as a plan of mode 'freeze'."""
-    from edgevlm.freeze import FREEZE_CONFIG_KEY
-
-    config = json.loads((model_dir / "config.json").read_text())
-    plan = config.get("edgevlm_plan")
-    freeze = config.get(FREEZE_CONFIG_KEY)
-    if freeze:
-        plan = dict(plan or {}, freeze=freeze)
-    return plan
-
-
-def _base_model(model_dir: Path) -> str:
-    config = json.loads((model_dir / "config.json").read_text())
-    plan = config.get("edgevlm_plan") or {}
-    return str(plan.get("base_model") or config.get("_name_or_path") or model_dir)
-
-
-def _io_spec(vlm, graphs: Path, vision_io: dict, embed_io: dict, arch: str) -> dict:
-    """Graph I/O as a runner needs it (names, KV geometry, how positions are given)."""
+def _export_io(vlm, out_root: Path, files: list, graphs: Path, vision_io: dict, embed_io: dict,
+               arch: str, freeze_io: dict | None) -> ExportIO:
+    """manifest.io: the graphs by role and precision, and their I/O as a runner needs it
+    (names, KV geometry, how positions are given)."""
     import onnx
 
     dec = onnx.load(str(graphs / "decoder_model_merged.onnx"), load_external_data=False)
     text = vlm.config.get_text_config()
     inputs = [i.name for i in dec.graph.input]
     heads = int(text.num_attention_heads)
-    return {
-        "vision_encoder": vision_io,
-        "embed_tokens": embed_io,
-        "decoder": {"inputs": inputs, "outputs": [o.name for o in dec.graph.output],
-                    "path": "genai-builder" if arch else "torch.onnx",
-                    "builder_architecture": arch or None,
-                    "kv_in_place": bool(arch),
-                    "opset": max((o.version for o in dec.opset_import if o.domain in ("", "ai.onnx")),
-                                 default=None),
-                    "logits": "last position only (prune_lm_head)",
-                    "kv_layout": "(batch, kv_heads, seq, head_dim) fp32; past/present may share "
-                                 "one max-length buffer (GroupQueryAttention)"},
-        "num_layers": int(text.num_hidden_layers),
+    spec = families.family(vlm.adapter.family)
+    by_role: dict[str, dict[str, str]] = {}
+    for path, role, _dtype in files:
+        if role.endswith("_data") or path.suffix != ".onnx":
+            continue
+        stem, _, precision = role.rpartition("_")
+        if precision not in ONNX_QUANTS + VISION_QUANTS or not stem:
+            stem, precision = role, "none"
+        by_role.setdefault(stem, {})[precision] = path.relative_to(out_root).as_posix()
+    decoder = {
+        "inputs": inputs, "outputs": [o.name for o in dec.graph.output],
+        "path": "genai-builder" if arch else "torch.onnx",
+        "builder_architecture": arch or None,
+        "kv_in_place": bool(arch),
+        "opset": max((o.version for o in dec.opset_import if o.domain in ("", "ai.onnx")),
+                     default=None),
+        "logits": "last position only (prune_lm_head)",
         "num_kv_heads": int(text.num_key_value_heads or heads),
         "head_dim": int(getattr(text, "head_dim", None) or text.hidden_size // heads),
-        "hidden_size": int(text.hidden_size),
-        "vocab_size": int(text.vocab_size),
-        "position_ids": ("mrope-3d" if "position_ids" in inputs and vlm.adapter.family.startswith("qwen")
+        "kv_layout": "(batch, kv_heads, seq, head_dim) fp32; past/present may share "
+                     "one max-length buffer (GroupQueryAttention)",
+        "position_ids": ("mrope-3d" if "position_ids" in inputs and spec.mrope
                          else "1d" if "position_ids" in inputs else "from attention_mask"),
         "attention": ("built in the graph: causal, bidirectional within each run of image "
                       "tokens (marked by the last inputs_embeds channel), sliding window"
-                      if "attention_mask" not in inputs else "attention_mask (causal)"),
-        "image_token_id": (vlm.adapter.image_token_ids(vlm.config) or [None])[0],
-    }
+                      if "attention_mask" not in inputs else "attention_mask (causal)")}
+    io_graphs = {"vision_encoder": vision_io, "embed_tokens": embed_io, "decoder": decoder}
+    if freeze_io:
+        io_graphs["decoder_prefill_freeze"] = freeze_io
+    return ExportIO(family=spec.name,
+                    image_token_id=(vlm.adapter.image_token_ids(vlm.config) or [None])[0],
+                    image_token=spec.image_token, num_layers=int(text.num_hidden_layers),
+                    hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size),
+                    files=by_role, graphs=io_graphs)
