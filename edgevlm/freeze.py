@@ -266,29 +266,53 @@ def check_plan_method(method: str | None, options: dict | None = None, tokens: s
                          "drop --tokens (visual is the default)")
 
 
-def flops_ratio(config, n_tokens: int, n_visual: int, frozen: list[int]) -> dict:
-    """Prefill matrix-multiply FLOPs with and without freezing (projections, attention
-    scores and MLP; embeddings and lm_head excluded): what freezing can save at best."""
+def prefill_flops(config, visual, frozen, *, causal: bool = True) -> float:
+    """Matrix-multiply FLOPs (2 per multiply-add) of one prompt's prefill from an empty cache
+    with the visual rows frozen in the `frozen` layers: q/k/v/o projections, attention (scores
+    and weighted values), the gated MLP, and the lm_head at the last position only (the
+    exported prefill graphs return only those logits). `visual`: one bool per prompt position.
+
+    A frozen layer computes keys and values for every row and the rest for the text rows
+    only, and a text row at position p attends to the p + 1 keys up to it (`causal`), or to
+    every key (`causal=False`: what a dense masked matmul executes, as PyTorch's eager path
+    and the torch.onnx graphs do). Where the text rows sit matters: a prompt's text mostly
+    follows its image, so those rows attend to nearly the whole prompt."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     kv = int(getattr(text, "num_key_value_heads", None) or heads)
-    inter = int(text.intermediate_size)
-    layers = int(text.num_hidden_layers)
+    inter, layers = int(text.intermediate_size), int(text.num_hidden_layers)
+    visual = [bool(v) for v in visual]
+    n = len(visual)
+    keys = (lambda p: p + 1) if causal else (lambda p: n)
 
-    def layer_flops(rows: int) -> float:
-        q_o = 2 * rows * hidden * heads * head_dim * 2
-        k_v = 2 * n_tokens * hidden * kv * head_dim * 2
-        attn = 2 * rows * n_tokens * heads * head_dim * 2 / 2  # causal: half on average
-        mlp = 2 * rows * hidden * inter * 3
-        return q_o + k_v + attn + mlp
+    def layer(rows) -> float:
+        k_v = 2 * n * hidden * kv * head_dim * 2
+        q_o = 2 * len(rows) * hidden * heads * head_dim * 2
+        attention = 4 * heads * head_dim * sum(keys(p) for p in rows)
+        mlp = 2 * len(rows) * hidden * inter * 3
+        return k_v + q_o + attention + mlp
 
-    full = layers * layer_flops(n_tokens)
-    frozen_total = (layers - len(frozen)) * layer_flops(n_tokens) + len(frozen) * layer_flops(
-        n_tokens - n_visual)
-    return {"full_gflops": full / 1e9, "freeze_gflops": frozen_total / 1e9,
-            "ideal_speedup": full / frozen_total}
+    every = layer(range(n))
+    text_rows = layer([p for p in range(n) if not visual[p]])
+    n_frozen = len(set(frozen))
+    lm_head = 2 * hidden * int(text.vocab_size)
+    return (layers - n_frozen) * every + n_frozen * text_rows + lm_head
+
+
+def flops_ratio(config, visual, frozen) -> dict:
+    """Prefill FLOPs of a prompt (`visual`: one bool per position) without and with
+    freezing, causal and as a dense matmul executes them (`prefill_flops`), and the ideal
+    speed-up freezing can buy: full / frozen FLOPs."""
+    out = {"tokens": len(visual), "visual_tokens": int(sum(bool(v) for v in visual)),
+           "frozen_layers": len(set(frozen))}
+    for name, causal in (("", True), ("dense_", False)):
+        full = prefill_flops(config, visual, [], causal=causal)
+        cut = prefill_flops(config, visual, frozen, causal=causal)
+        out.update({f"{name}full_gflops": full / 1e9, f"{name}freeze_gflops": cut / 1e9,
+                    f"{name}ideal_speedup": full / cut})
+    return out
 
 
 GGUF_REFUSAL = ("GGUF cannot freeze visual tokens (ShortV --mode freeze): llama.cpp has no "
