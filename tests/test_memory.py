@@ -4,7 +4,6 @@ from the kernel's peak-RSS counter (VmHWM, reset per measurement), never from wa
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from edgevlm.runtimes import measure
