@@ -28,7 +28,9 @@ from pathlib import Path
 from edgevlm.devices import get_profile
 from edgevlm.runtimes.bench import BenchConfig, Worker, result_of
 
-VARIANTS = [("onnx", "q4"), ("onnx", "int8"), ("gguf", "q4_0"), ("gguf", "q8_0")]
+# "q4+vision-int8": the q4 decoder with `--vision-quant int8` (llama.cpp's mmproj is f16).
+VARIANTS = [("onnx", "q4"), ("onnx", "q4+vision-int8"), ("onnx", "int8"), ("gguf", "q4_0"),
+            ("gguf", "q8_0")]
 
 
 def ensure_exports(model: str, ratio: float, work: Path, variants, groups=(True, False),
@@ -63,7 +65,9 @@ def ensure_exports(model: str, ratio: float, work: Path, variants, groups=(True,
         if (folder / "manifest.json").exists():
             continue
         start = time.perf_counter()
-        extra = {"name": folder.name} if target == "gguf" else {}
+        quant, _, vision_quant = quant.partition("+vision-")
+        extra = ({"name": folder.name} if target == "gguf"
+                 else {"vision_quant": vision_quant} if vision_quant else {})
         pipeline.export_target(target, pruned_dir if pruned else resolve(model), folder,
                                quant=quant, plan=None, base_model=model, verify=False,
                                samples=None, progress=False, **extra)

@@ -49,6 +49,10 @@ class Family:
     # ONNX (transformers.js layout): vision-encoder input names, first position id.
     onnx_vision_inputs: tuple[str, ...] = ("pixel_values",)
     onnx_position_start: int = 0
+    # The vision tower attends over all of an image's patches, unmasked, in real use: exported
+    # as onnxruntime's fused attention (export/onnx_export/vision_attention.py). Qwen's
+    # windowed blocks are not.
+    onnx_fused_vision_attention: bool = True
     # text_config.model_type -> GGUF text arch, for families whose text model varies.
     gguf_text_archs: Mapping[str, str] = field(default_factory=dict)
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)  # text-config lists sliced on prune
@@ -67,6 +71,7 @@ _QWEN = dict(
     projector="model.visual.merger", vision_layers="blocks",
     image_token_keys=("image_token_id",), image_token="<|image_pad|>", placeholder="<|image_pad|>",
     gguf_text_arch="qwen2vl", gguf_writer="qwen_vl", gguf_tokenizer="gpt2", mrope=True,
+    onnx_fused_vision_attention=False,
     gguf_image_text="<|vision_start|><|image_pad|><|vision_end|>",
     notes="M-RoPE: 3-D position ids (rope.dimension_sections)",
 )

@@ -149,6 +149,21 @@ def test_qwen25_attention_windows_in_graph(exports):
     assert run.tokens == ref["tokens"]
 
 
+@pytest.mark.parametrize("family", ["smolvlm", "llava", "gemma3"])
+def test_vision_attention_is_fused(exports, family):
+    """Unmasked vision towers attend through onnxruntime's MultiHeadAttention (flash attention
+    on the CPU: no (heads, patches, patches) tensor), fed (B, S, hidden) on all three inputs,
+    which is what keeps it off the op's score-materialising cross-attention path."""
+    import onnx
+
+    out, _ = exports(family)
+    graph = onnx.load(out / "onnx" / "onnx" / "vision_encoder.onnx").graph
+    ops = [node.op_type for node in graph.node]
+    assert "Softmax" not in ops and "IsNaN" not in ops
+    mha = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
+    assert mha and all(node.domain == "com.microsoft" and len(node.input) == 3 for node in mha)
+
+
 def test_shared_kv_buffer_matches_feeding_present_back(exports):
     from edgevlm.export.onnx_export.verify import torch_reference
     from edgevlm.runtimes.ort_generate import OnnxVLM

@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 
 from edgevlm.errors import EdgeVLMError, require
+from edgevlm.export.onnx_export.vision_attention import fused_vision_attention
+from edgevlm.runtimes import families
 
 OPSET = 18
 
@@ -174,7 +176,11 @@ def export_vision(vlm, path: Path) -> dict:
     wrapper, names, example, dynamic = vision_wrapper(vlm)
     if vlm.adapter.family in IMAGE_FLAG_FAMILIES:
         wrapper = Flagged(wrapper)
-    _export(wrapper.eval(), example, path, names, ["image_features"], dynamic)
+    if families.family(vlm.adapter.family).onnx_fused_vision_attention:
+        with fused_vision_attention(vlm.config.vision_config):
+            _export(wrapper.eval(), example, path, names, ["image_features"], dynamic)
+    else:
+        _export(wrapper.eval(), example, path, names, ["image_features"], dynamic)
     return {"inputs": names, "outputs": ["image_features"]}
 
 
