@@ -198,10 +198,10 @@ def verify(export_dir: str | Path) -> dict:
 
     artifact, _ = open_export(export_dir, check_hashes=True)
     parity = dict(artifact.parity or {})
-    failed = [c for c in parity.get("checks", []) if not c.get("ok", True)]
+    failed = [c for c in parity.get("checks", []) if not c.get("passed", True)]
     if failed:
         raise VerificationError(f"{export_dir}: recorded checks failed: "
-                                + "; ".join(str(c.get("what")) for c in failed),
+                                + "; ".join(str(c.get("name")) for c in failed),
                                 "re-export it (edgevlm.export)")
     return parity
 

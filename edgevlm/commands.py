@@ -387,21 +387,8 @@ def cmd_export(args) -> int:
 
 
 def _parity_summary(parity: dict) -> str:
-    """The headline figures of a manifest's parity record, one line: every check with its
-    measured value and tolerance where the record lists them."""
-    if parity.get("checks"):
-        return f"{parity.get('n_samples', '?')} held-out sample(s): " + "; ".join(
-            f"{c['what']} {c['value']:.3g} ({c['op']} {c['tolerance']:.3g}"
-            f"{'' if c['ok'] else ', FAILED'})" for c in parity["checks"])
-    parts = []
-    for key, value in parity.items():
-        if key.endswith("max_abs_diff") and isinstance(value, (int, float)):
-            parts.append(f"{key.removesuffix('_max_abs_diff')} max diff {value:.2g}")
-        elif key == "greedy_tokens_equal":
-            parts.append(f"greedy tokens equal: {'yes' if value else 'no'}")
-        elif key == "text_top1_agreement":
-            parts.append(f"top-1 agreement {value:.2f}")
-    for variant, record in (parity.get("quantized") or {}).items():
-        if isinstance(record, dict) and "top1_agreement" in record:
-            parts.append(f"{variant} top-1 {record['top1_agreement']:.2f}")
-    return "; ".join(parts)
+    """A manifest's parity report in one line: every check with its measured value and
+    tolerance (the same for both targets)."""
+    from edgevlm.export.parity import ParityReport
+
+    return ParityReport.from_dict(parity).summary()

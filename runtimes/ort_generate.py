@@ -224,7 +224,8 @@ class OnnxVLM:
     def position_ids(self, input_ids, inputs):
         """The prompt's position ids (M-RoPE: (3, 1, S)) and the offset that continues them."""
         if self.mrope:
-            pos = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"), self.config)
+            pos = mrope_position_ids(input_ids[0], inputs.get("image_grid_thw"), self.config,
+                                     self.image_token_id)
             return pos[:, None, :], int(pos.max()) + 1 - input_ids.shape[1]
         start = POSITION_START.get(self.family, 0)
         return np.arange(start, start + input_ids.shape[1], dtype=np.int64)[None], start
@@ -380,10 +381,10 @@ def vision_inputs(family: str, config: dict, inputs: dict) -> dict:
     return {"pixel_values": pv}
 
 
-def mrope_position_ids(input_ids: np.ndarray, image_grid_thw, config: dict) -> np.ndarray:
+def mrope_position_ids(input_ids: np.ndarray, image_grid_thw, config: dict,
+                       image_id: int) -> np.ndarray:
     """Qwen2-VL/2.5-VL 3-D (temporal, height, width) position ids (3, S) for one prompt."""
     merge = int(config["vision_config"].get("spatial_merge_size", 2))
-    image_id = families.image_token_id(config)
     grids = iter(np.asarray(image_grid_thw).reshape(-1, 3).tolist() if image_grid_thw is not None else [])
     is_image = input_ids == image_id
     out, pos, i, n = [], 0, 0, len(input_ids)

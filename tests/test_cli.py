@@ -94,6 +94,7 @@ def test_export_onnx_end_to_end_writes_a_verified_manifest(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["layers"] and manifest["io"]["num_layers"] == 6
     assert manifest["parity"]["greedy_tokens_equal"] is True
+    _assert_every_check_printed(manifest["parity"], capsys.readouterr().out)
     for entry in manifest["files"]:
         assert (out / entry["path"]).stat().st_size == entry["bytes"]
     assert {p.name for p in out.iterdir()} == {"manifest.json", "onnx", "pruned", "plan.json",
@@ -116,6 +117,17 @@ def test_k_quant_fallback_is_reported(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["-q", "export", "--model", "tiny:smolvlm", "--target", "gguf",
                  "--quant", "q4_k_m", "--calib", "builtin:4", "-o", str(out)]) == 0
-    assert "fallback_tensors" in capsys.readouterr().out
-    fallback = json.loads((out / "manifest.json").read_text())["quantization"]["fallback_tensors"]
+    printed = capsys.readouterr().out
+    assert "fallback_tensors" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    _assert_every_check_printed(manifest["parity"], printed)
+    fallback = manifest["quantization"]["fallback_tensors"]
     assert fallback and all(f["row"] % 256 and f["type"] != "Q4_K" for f in fallback)
+
+
+def _assert_every_check_printed(parity: dict, printed: str) -> None:
+    """Both targets: the CLI's parity line names every check with its value and tolerance."""
+    assert parity["checks"] and "verified against PyTorch" in printed
+    for check in parity["checks"]:
+        bound = "recorded" if check["tolerance"] is None else f"{check['op']} "
+        assert f"{check['name']} {check['value']:.3g} ({bound}" in printed

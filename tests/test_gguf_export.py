@@ -207,8 +207,9 @@ def test_gemma3_refusals_say_why_and_how():
 def test_llava_text_parity_and_upstream_clip_bug_is_caught(tmp_path):
     """LLaVA text matches; image features cannot, because this llama.cpp build puts CLIP's
     class token last in its llava graph. Verification must say so, not pass silently."""
-    from edgevlm.export.gguf_export import export_gguf, llamacpp
+    from edgevlm.export.gguf_export import export_gguf
     from edgevlm.loader import load
+    from edgevlm.runtimes import llamacpp_runner as llamacpp
 
     art = export_gguf(_tiny_dir("llava"), tmp_path, quant="f32", mmproj_type="f32",
                       verify=False, progress=False)
@@ -275,7 +276,7 @@ def test_context_holds_the_longest_sequence_and_overflow_quotes_llama_log(f32_ex
     tokens, more than the old fixed 1024); when llama.cpp itself fails, the error quotes its
     own last log lines, never "see the log"."""
     from edgevlm.errors import EdgeVLMError
-    from edgevlm.export.gguf_export import llamacpp
+    from edgevlm.runtimes import llamacpp_runner as llamacpp
 
     _family, out, art = f32_export
     path = out / art.file("text_model").path
@@ -301,7 +302,7 @@ def test_context_holds_the_longest_sequence_and_overflow_quotes_llama_log(f32_ex
 _OVERFLOW = """
 import sys
 from edgevlm.errors import EdgeVLMError
-from edgevlm.export.gguf_export import llamacpp
+from edgevlm.runtimes import llamacpp_runner as llamacpp
 llm = llamacpp.open_text(sys.argv[1], n_ctx=256)
 for name, feed in [("tokens", lambda: llamacpp.Decoder(llm).tokens([5] * 300)),
                    ("embeddings", lambda: llamacpp.Decoder(llm).embeddings(

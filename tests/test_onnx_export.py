@@ -263,11 +263,13 @@ def test_gemma3_image_tokens_attend_both_ways(exports):
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     """Beyond tolerance -> VerificationError, and the CLI's staging leaves no output folder."""
     from edgevlm.errors import VerificationError
-    from edgevlm.export.onnx_export import export_onnx, verify
+    from edgevlm.export import parity
+    from edgevlm.export.onnx_export import export_onnx
     from edgevlm.loader import materialize_tiny
     from edgevlm.outdir import staged_dir
 
-    monkeypatch.setattr(verify, "LOGITS_TOL", -1.0)  # nothing can pass a negative tolerance
+    # nothing can pass a negative tolerance
+    monkeypatch.setitem(parity.TOLERANCES, "f32", parity.Tolerance(-1.0, 1.0, 1.0))
     out = tmp_path / "export"
     with pytest.raises(VerificationError, match="prefill logits"):
         with staged_dir(out) as stage:

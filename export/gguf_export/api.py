@@ -178,8 +178,6 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
     Raises UsageError for bad arguments, VerificationError when llama.cpp disagrees with
     PyTorch beyond tolerance. The caller owns out_root's temp-dir + rename.
     """
-    from edgevlm.export.manifest import checkpoint_records, file_entry, tool_versions
-
     require("gguf", "gguf", "GGUF export")
     llama_cpp = require("llama_cpp", "gguf", "GGUF export", package="llama-cpp-python")
     model_dir, out_root = Path(model_dir), Path(out_root)
@@ -192,39 +190,53 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
     (out_root / "gguf").mkdir(parents=True, exist_ok=True)
     text_path, mm_path = out_root / text_rel, out_root / mm_rel
     text_facts = {}
+    manifest = out_root / "manifest.json"
     try:
         text_facts = write_text(model_dir, text_path, cfg, module, spec, name=name,
                                 progress=progress, keep_intermediate=verify)
         mm_facts = write_mmproj(model_dir, mm_path, cfg, module, mmproj_type, name=name,
                                 progress=progress)
-        parity = {}
+        artifact = _artifact(model_dir, out_root, cfg, family, spec, mmproj_type, text_rel,
+                             mm_rel, text_facts, mm_facts, llama_cpp)
+        # Verification runs the pair as a device does too: the runner reads this manifest.
+        artifact.save(manifest)
         if verify:
             from edgevlm.export.gguf_export.verify import verify_export
 
-            parity = verify_export(model_dir, text_path, mm_path, family=family, quant=spec.name,
-                                   mmproj_type=mmproj_type, io=mm_facts["io"],
-                                   samples=samples, gen_tokens=gen_tokens,
-                                   text_arch=text_facts["arch"],
-                                   intermediate=text_facts["intermediate"])
+            artifact.parity = verify_export(
+                model_dir, text_path, mm_path, family=family, quant=spec.name,
+                mmproj_type=mmproj_type, io=mm_facts["io"], samples=samples,
+                gen_tokens=gen_tokens, text_arch=text_facts["arch"],
+                intermediate=text_facts["intermediate"], export_root=out_root)
+            artifact.save(manifest)
     except BaseException:
-        text_path.unlink(missing_ok=True)
-        mm_path.unlink(missing_ok=True)
+        for path in (text_path, mm_path, manifest):
+            path.unlink(missing_ok=True)
         raise
     finally:
         if text_facts.get("intermediate"):
             text_facts["intermediate"].unlink(missing_ok=True)
+    return artifact
+
+
+def _artifact(model_dir: Path, out_root: Path, cfg: dict, family: str, spec, mmproj_type: str,
+              text_rel: Path, mm_rel: Path, text_facts: dict, mm_facts: dict,
+              llama_cpp) -> ExportArtifact:
+    """The manifest of the written pair (parity still empty)."""
+    from edgevlm.export.manifest import checkpoint_records, file_entry, tool_versions
+
     versions = tool_versions("gguf", "llama-cpp-python", "safetensors")
     versions["llama.cpp"] = _llama_build_info(llama_cpp)
     tcfg = cfg["text_config"]
-    spec_family = families.family(family)
     artifact = ExportArtifact(
         target="gguf",
-        files=[file_entry(out_root, text_path, "text_model", spec.name),
-               file_entry(out_root, mm_path, "mmproj", mmproj_type)],
+        files=[file_entry(out_root, out_root / text_rel, "text_model", spec.name),
+               file_entry(out_root, out_root / mm_rel, "mmproj", mmproj_type)],
         base_model="",
         io=ExportIO(family=family, image_token_id=families.image_token_id(cfg),
-                    image_token=spec_family.image_token, num_layers=text_facts["n_layers"],
-                    hidden_size=int(tcfg["hidden_size"]), vocab_size=int(tcfg["vocab_size"]),
+                    image_token=families.family(family).image_token,
+                    num_layers=text_facts["n_layers"], hidden_size=int(tcfg["hidden_size"]),
+                    vocab_size=int(tcfg["vocab_size"]),
                     files={"text_model": {spec.name: text_rel.as_posix()},
                            "mmproj": {mmproj_type: mm_rel.as_posix()}},
                     gguf={"text_arch": text_facts["arch"], "projector_type": mm_facts["projector"],
@@ -235,11 +247,8 @@ def export_gguf(model_dir: Path, out_root: Path, *, quant: str = "f16", mmproj_t
                       "fallback_tensors": text_facts["fallback"],
                       "mmproj_tensor_types": _count(mm_facts["types"]),
                       "mmproj_fallback_tensors": mm_facts["fallback"]},
-        versions=versions,
-        parity=parity,
-    )
+        versions=versions)
     artifact.plan, artifact.recovery, artifact.base_model = checkpoint_records(model_dir)
-    artifact.save(out_root / "manifest.json")
     return artifact
 
 
