@@ -280,7 +280,7 @@ def freeze_prefill_alone(folder: Path, threads: int, runs: int) -> dict:
             "freeze_graph_no_skip_vs_decoder": pair("decoder", "freeze every row")}
 
 
-def speed_onnx(args) -> dict:
+def speed_onnx(args, save) -> dict:
     from edgevlm.loader import resolve
     from edgevlm.runtimes.bench import BenchConfig, Worker
 
@@ -296,6 +296,18 @@ def speed_onnx(args) -> dict:
         inputs, costs[v["name"]] = onnx_prompt(folders[v["name"]], budget)
         image_id = (config.get("image_token_id") or config.get("image_token_index"))
         visual[v["name"]] = (inputs["input_ids"][0] == image_id).tolist()
+    out = {"runtime": "onnxruntime (edgevlm bench workers)", "quant": args.quant,
+           "exports": commands, "frozen_layers": frozen, "results": {},
+           "freeze_prefill_alone": None}
+    if frozen:  # first: the freeze goal's own measurement, saved before the long rounds
+        name = next(v["name"] for v in todo if v["kind"] == "freeze")
+        alone = freeze_prefill_alone(folders[name], args.threads, args.runs)
+        best = ideal(config, next(v for v in todo if v["name"] == name), costs, visual,
+                     n_vision, frozen)
+        alone.update(ideal=best["prefill"], ideal_dense=best["prefill_dense"])
+        out["freeze_prefill_alone"] = alone
+        print(json.dumps(alone, indent=1), flush=True)
+        save(out)
     workers = {}
     try:
         for v in todo:
@@ -311,35 +323,33 @@ def speed_onnx(args) -> dict:
                     runs[name].append(run)
                 print(f"round {round_} {name}: image {run['image_ms']:.0f} ms, TTFT "
                       f"{run['ttft_ms']:.0f} ms, {run['prompt_tokens']} prompt tokens", flush=True)
+            if round_ >= args.warmup:  # partial results survive an interrupted run
+                out["results"] = summarise(todo, runs, costs, visual, config, n_vision, frozen)
+                out["rounds_done"] = round_ + 1 - args.warmup
+                save(out)
         for worker in workers.values():
             worker.close()
     finally:
         for worker in workers.values():
             if worker.process.is_alive():
                 worker.process.kill()
+    return out
+
+
+def summarise(todo, runs, costs, visual, config, n_vision, frozen) -> dict:
     results = {}
     for v in todo:
         r = runs[v["name"]]
         results[v["name"]] = {
-            **v, "export": str(folders[v["name"]]), "image_tokens": r[0]["image_tokens"],
+            **v, "image_tokens": r[0]["image_tokens"] or costs[v["name"]]["image_tokens"],
             "tiles": costs[v["name"]]["tiles"], "prompt_tokens": r[0]["prompt_tokens"],
             "visual_share": sum(visual[v["name"]]) / len(visual[v["name"]]),
             "ms": {"image": spread([x["image_ms"] for x in r]),
                    "prefill": spread([prefill_ms(x) for x in r]),
                    "ttft": spread([x["ttft_ms"] for x in r])},
             "speedup": ratios(runs["baseline"], r),
-            "ideal": ideal(config, v, costs, visual, n_vision, frozen),
-            "runs": r}
-    alone = None
-    if frozen:
-        name = next(v["name"] for v in todo if v["kind"] == "freeze")
-        alone = freeze_prefill_alone(folders[name], args.threads, args.runs)
-        alone["ideal"] = results[name]["ideal"]["prefill"]
-        alone["ideal_dense"] = results[name]["ideal"]["prefill_dense"]
-        print(json.dumps(alone, indent=1), flush=True)
-    return {"runtime": "onnxruntime (edgevlm bench workers)", "quant": args.quant,
-            "exports": commands, "frozen_layers": frozen, "results": results,
-            "freeze_prefill_alone": alone}
+            "ideal": ideal(config, v, costs, visual, n_vision, frozen), "runs": r}
+    return results
 
 
 # ---------------------------------------------------------------------- PyTorch eager
@@ -470,18 +480,7 @@ def speed_eager(args) -> dict:
                 runs[v["name"]].append(run)
             print(f"round {round_} {v['name']}: image {run['image_ms']:.0f} ms, prefill "
                   f"{prefill_ms(run):.0f} ms, {run['prompt_tokens']} prompt tokens", flush=True)
-    results = {}
-    for v in todo:
-        r = runs[v["name"]]
-        results[v["name"]] = {
-            **v, "image_tokens": costs[v["name"]]["image_tokens"], "tiles": costs[v["name"]]["tiles"],
-            "prompt_tokens": r[0]["prompt_tokens"],
-            "visual_share": sum(visual[v["name"]]) / len(visual[v["name"]]),
-            "ms": {"image": spread([x["image_ms"] for x in r]),
-                   "prefill": spread([prefill_ms(x) for x in r]),
-                   "ttft": spread([x["ttft_ms"] for x in r])},
-            "speedup": ratios(runs["baseline"], r),
-            "ideal": ideal(config, v, costs, visual, n_vision, frozen), "runs": r}
+    results = summarise(todo, runs, costs, visual, config, n_vision, frozen)
     return {"runtime": "PyTorch eager (fp32): vision tower, then the decoder prefill (edgevlm's "
                        "freeze forward for the freeze variant); no ONNX",
             "depth": {"text": n_text, "vision": n_vision}, "frozen_layers": frozen,
@@ -566,13 +565,29 @@ def _fmt(s, digits=2) -> str:
     return f"x{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
 
+def layers_text(row: dict) -> str:
+    layers = row.get("dropped") or row.get("frozen")
+    return f"{layers} of {row['of']}" if layers else "-"
+
+
 def table(payloads: list[dict]) -> str:
     lines = []
     for p in payloads:
         if p.get("mode") == "accuracy":
+            a = p["accuracy"]
+            lines += [f"`{p['model']}` ({a['items']} {a['split']} items)", "",
+                      "| variant | accuracy | retention | image tokens (mean) | layers |",
+                      "|---|---|---|---|---|"]
+            for name, r in a["results"].items():
+                lines.append(f"| {name} | {r['accuracy']:.3f} | {r['retention']:.1%} | "
+                             f"{r['mean_image_tokens_first32']:.1f}"
+                             f"{' (no-op)' if r.get('no_op') else ''} | "
+                             f"{layers_text(r)} |")
+            lines.append("")
             continue
+        rounds = p["speed"].get("rounds_done", p["runs"])
         lines += [f"`{p['model']}` ({p['speed']['runtime']}, {p['threads']} thread(s), "
-                  f"{p['runs']} interleaved rounds)", "",
+                  f"{rounds} interleaved rounds)", "",
                   "| variant | image tokens | prompt tokens | image encode ms | prefill ms | TTFT ms "
                   "| image speed-up (ideal) | prefill speed-up (ideal) | TTFT speed-up (ideal) |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -594,7 +609,7 @@ def plot(payloads: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed = [p for p in payloads if p.get("mode") == "speed"]
+    speed = [p for p in payloads if p.get("mode") == "speed" and p["speed"]["results"]]
     fig, axes = plt.subplots(1, len(speed), figsize=(6 * len(speed), 4.2), squeeze=False)
     for ax, p in zip(axes[0], speed, strict=True):
         names = list(p["speed"]["results"])
@@ -607,12 +622,15 @@ def plot(payloads: list[dict], path: Path) -> None:
             if n != "baseline" and s:
                 ax.text(i, img[i] + pre[i], f"x{s['median']:.2f}", ha="center", va="bottom",
                         fontsize=8)
-        ax.set_title(f"{p['model']} ({'eager' if p.get('eager') else 'onnxruntime'})")
+        depth = p["speed"].get("depth")
+        how = (f"PyTorch, {depth['vision']} vision / {depth['text']} text layers" if p.get("eager")
+               else "onnxruntime")
+        ax.set_title(f"{p['model']} ({how})", fontsize=10)
         ax.set_ylabel("seconds (median)")
         ax.tick_params(axis="x", rotation=30)
         ax.legend()
-    fig.suptitle("Time to first token, 640x480 image, 1 thread: encode + prefill "
-                 "(TTFT speed-up over the baseline)")
+    fig.suptitle("640x480 image, 1 thread: image encode + prefill (medians); "
+                 "labels: TTFT speed-up, per-round median", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -660,14 +678,20 @@ def main(argv=None) -> int:
     payload = {"mode": args.mode, "model": args.model, "threads": args.threads,
                "image_size": [640, 480], "prompt": PROMPT, "command": " ".join(sys.argv),
                "machine": machine(args.load)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(part=None) -> None:
+        if part is not None:
+            payload["speed"] = part
+        payload["seconds"] = round(time.time() - started)
+        args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
     if args.mode == "speed":
-        payload.update(runs=args.runs, warmup=args.warmup, eager=args.eager,
-                       speed=speed_eager(args) if args.eager else speed_onnx(args))
+        payload.update(runs=args.runs, warmup=args.warmup, eager=args.eager)
+        save(speed_eager(args) if args.eager else speed_onnx(args, save))
     else:
         payload["accuracy"] = accuracy(args)
-    payload["seconds"] = round(time.time() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        save()
     if args.mode == "speed":
         print(table([payload]))
     print(f"wrote {args.out}")
