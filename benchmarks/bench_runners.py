@@ -83,12 +83,12 @@ def bare_decode_tok_s(runner, image, n: int) -> float:
         for _ in range(n):
             logits = runner.vlm.step(state, int(np.argmax(logits)))
         return n / (time.perf_counter() - start)
-    trace = runner.generate(image, "Describe this image in detail.", max_tokens=1, ignore_eos=True)
-    token, n_past = trace.tokens[0], trace.prompt_tokens
+    decoder, _, _, _ = runner.prefill(image, "Describe this image in detail.")
+    logits = decoder.last_logits()
     start = time.perf_counter()
-    for i in range(n):
-        runner._decode_text([token], n_past + i, True)
-        token = int(np.argmax(runner._logits()))
+    for _ in range(n):
+        decoder.tokens([int(np.argmax(logits))])
+        logits = decoder.last_logits()
     return n / (time.perf_counter() - start)
 
 

@@ -126,11 +126,15 @@ def decode_at(runner, context: int, new: int) -> dict:
     function in a greedy loop, no sampling, no streaming (the runtime's figure)."""
     import numpy as np
 
-    ids = np.random.default_rng(0).integers(100, 1000, size=(1, context), dtype=np.int64)
+    def text(vocab: int):  # ordinary token ids, whatever the vocabulary's size
+        return np.random.default_rng(0).integers(vocab // 10, vocab // 2, size=(1, context),
+                                                 dtype=np.int64)
+
     if runner.target == "onnx":
         from edgevlm.runtimes.ort_generate import DecodeState
 
         vlm = runner.vlm
+        ids = text(int((vlm.config.get("text_config") or vlm.config)["vocab_size"]))
         positions, delta = vlm.prompt_positions(ids, {})
         cache = vlm.decoder.cache(max_len=context + new + 1)
         logits = cache.run(vlm.embeddings(ids), positions)
@@ -139,17 +143,15 @@ def decode_at(runner, context: int, new: int) -> dict:
         def step(token):
             return vlm.step(state, token)
     else:
-        import llama_cpp
+        from edgevlm.runtimes.llamacpp_runner import Decoder
 
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(runner.llm.ctx), True)
-        if runner._decode_text(ids[0].tolist(), 0, True) != 0:
-            raise ValueError(f"llama.cpp could not hold {context} tokens")
-        logits, position = runner._logits(), [context]
+        decoder = Decoder(runner.llm)  # a cleared KV cache; the runner's own decode step
+        decoder.tokens(text(decoder.n_vocab)[0].tolist())
+        logits = decoder.last_logits()
 
         def step(token):
-            runner._decode_text([token], position[0], True)
-            position[0] += 1
-            return runner._logits()
+            decoder.tokens([token])
+            return decoder.last_logits()
     start = time.perf_counter()
     for _ in range(new):
         logits = step(int(np.argmax(logits)))

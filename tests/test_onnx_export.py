@@ -285,7 +285,7 @@ def test_runner_greedy_tokens_equal_pytorch(exports, family):
 
     from edgevlm.devices import get_profile
     from edgevlm.prompting import chat_batch, chat_text
-    from edgevlm.runtimes.bench import make_runner
+    from edgevlm.runtimes.bench import decode_at, make_runner
 
     out, art = exports(family)
     art.save(out / "manifest.json")
@@ -306,6 +306,9 @@ def test_runner_greedy_tokens_equal_pytorch(exports, family):
     assert trace.tokens == ids[0, batch["input_ids"].shape[1]:].tolist()
     assert trace.prompt_tokens == batch["input_ids"].shape[1]
     assert trace.text == runner.pre.decode(trace.tokens)
+    # bench_footprint's decode after N cached text tokens runs on every family's graphs.
+    decoded = decode_at(runner, 24, 4)
+    assert decoded["tokens"] == 4 and decoded["decode_tok_s"] > 0
 
 
 # The quantization each family's shared export above does not cover.

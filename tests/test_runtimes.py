@@ -69,6 +69,17 @@ def test_bench_fills_every_field(gguf_export):
     assert result.export["decoder_layers"] == 8 and result.runtime == "llama.cpp"
 
 
+def test_decode_at_context_uses_the_runners_decoder(gguf_export):
+    """bench_footprint's decode after N cached tokens drives the runner's own Decoder."""
+    from edgevlm.runtimes.bench import decode_at
+
+    runner, _, _ = make_runner(gguf_export, LAPTOP)
+    runner.load()
+    out = decode_at(runner, 24, 4)
+    runner.close()
+    assert out["context"] == 24 and out["tokens"] == 4 and out["decode_tok_s"] > 0
+
+
 def test_cli_run_and_bench(gguf_export, tmp_path, capsys):
     image = tmp_path / "img.png"
     bench_image((200, 150)).save(image)
