@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
+from conftest import pruned_checkpoint  # noqa: E402
+
 from edgevlm.errors import UnsupportedModelError, UsageError, VerificationError  # noqa: E402
 
 # LLaVA is absent: this llama.cpp build computes wrong CLIP-LLaVA image features (tested
@@ -131,28 +133,6 @@ def test_quantized_exports_run_and_record_agreement(family, quant, main, tmp_pat
     assert not list((tmp_path / "gguf").glob(".*"))  # intermediate f32 file removed
 
 
-def _pruned(family: str, tmp_path, drop):
-    from edgevlm.loader import load
-
-    vlm = load(str(_tiny_dir(family)))
-    model = copy.deepcopy(vlm.model)
-    layers = vlm.adapter.layers(model)
-    for i in sorted(drop, reverse=True):
-        del layers[i]
-    for new, layer in enumerate(layers):
-        for mod in layer.modules():
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = new
-    tcfg = model.config.get_text_config()
-    tcfg.num_hidden_layers = len(layers)
-    if getattr(tcfg, "layer_types", None):
-        tcfg.layer_types = [t for i, t in enumerate(tcfg.layer_types) if i not in drop]
-    out = tmp_path / f"pruned-{family}"
-    model.save_pretrained(out)
-    vlm.processor.save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family,drop", [("smolvlm", (2, 5)),
                                          # 6 consecutive layers: the local/global period holds
@@ -160,13 +140,14 @@ def _pruned(family: str, tmp_path, drop):
 def test_pruned_checkpoint_block_count_and_parity(family, drop, tmp_path):
     from edgevlm.export.gguf_export import export_gguf
 
-    pruned = _pruned(family, tmp_path, drop)
+    pruned = pruned_checkpoint(family, list(drop), tmp_path / f"pruned-{family}")
     art = export_gguf(pruned, tmp_path / "out", quant="f32", mmproj_type="f32", progress=False,
                       gen_tokens=8)
     kept = (12 if family == "gemma3" else 8) - len(drop)
     count, groups = _blocks(tmp_path / "out" / art.file("text_model").path)
     assert count == kept and groups == set(range(kept))
     assert art.io.num_layers == kept and art.parity["passed"]
+    assert sorted(art.plan.layers) == sorted(drop)  # the pruning stage's plan, carried along
 
 
 def _gemma3_config(n_layers: int = 12, drop=(), **text) -> dict:
