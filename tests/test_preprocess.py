@@ -256,6 +256,11 @@ def test_decode_stream_and_eos(family):
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == pre.decode(ids)
     assert all("\ufffd" not in piece for piece in pieces)
+    # Tokens that decode to nothing (skipped specials) keep the decoded window bounded.
+    stream = pre.stream()
+    silent = [stream.push(pre.eos_token_ids[0]) for _ in range(50)]
+    assert silent == [""] * 50 and len(stream.ids) - stream._prefix <= 2
+    assert stream.push(ids[-1]) == pre.decode(ids[-1:])
     generation = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
     expected = {tokenizer.eos_token_id, *(generation if isinstance(generation, list) else [generation])}
     assert set(pre.eos_token_ids) == expected

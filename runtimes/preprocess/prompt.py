@@ -185,8 +185,10 @@ class StreamDecoder:
         self.ids.append(int(token_id))
         done = self._decode(self.ids[self._prefix:self._read])
         text = self._decode(self.ids[self._prefix:])
-        if len(text) <= len(done) or text.endswith("\ufffd"):
-            return ""
+        if text.endswith("\ufffd"):
+            return ""  # inside a multi-byte character: wait for the bytes that complete it
+        # A token that adds no text (a skipped special token) is consumed too: holding it
+        # back would widen the window at every such token (quadratic time).
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(done):]
 
