@@ -67,10 +67,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    import transformers
 
     from edgevlm.calib import load_calibration
     from edgevlm.loader import load
+    from edgevlm.runtimes.provenance import package_versions
 
     torch.set_num_threads(args.threads)
     calib = load_calibration(f"builtin:{args.samples}")
@@ -109,8 +109,7 @@ def main(argv=None) -> int:
         },
         "max_abs_score_diff": max(abs(a - b) for a, b in zip(scores["prefix"], scores["naive"],
                                                              strict=True)),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": package_versions("torch", "transformers") | {"python": platform.python_version()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

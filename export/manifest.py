@@ -3,20 +3,11 @@ checkpoint's config.json says about its history (plan, recovery, name)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 
+from edgevlm.runtimes.provenance import package_versions, sha256_file
 from edgevlm.types import FileEntry, PrunePlan
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entry(root: Path, path: Path, role: str, dtype: str = "") -> FileEntry:
@@ -28,15 +19,7 @@ def file_entry(root: Path, path: Path, role: str, dtype: str = "") -> FileEntry:
 
 def tool_versions(*packages: str) -> dict[str, str]:
     """Installed versions of edgevlm and the given packages (missing ones are skipped)."""
-    from edgevlm import __version__
-
-    versions = {"edgevlm": __version__}
-    for name in ("torch", "transformers", *packages):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return package_versions("edgevlm", "torch", "transformers", *packages)
 
 
 def checkpoint_records(model_dir: Path) -> tuple[PrunePlan | None, dict | None, str]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from edgevlm.errors import UsageError
+from edgevlm.runtimes.provenance import sha256_file
 from edgevlm.types import ExportArtifact
 
 
@@ -18,14 +18,6 @@ def manifest_path(target: str | Path) -> Path:
         raise UsageError(f"no manifest at {path}",
                          "pass an export folder or its manifest.json (edgevlm export writes it)")
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def open_export(target: str | Path, *, check_hashes: bool = True) -> tuple[ExportArtifact, Path]:
@@ -42,7 +34,7 @@ def open_export(target: str | Path, *, check_hashes: bool = True) -> tuple[Expor
         if file.stat().st_size != entry.bytes:
             raise UsageError(f"{file} is {file.stat().st_size} bytes, the manifest says "
                              f"{entry.bytes}: truncated or replaced", "copy the file again")
-        if check_hashes and _sha256(file) != entry.sha256:
+        if check_hashes and sha256_file(file) != entry.sha256:
             raise UsageError(f"{file} does not match its sha256 in {path.name}: modified or "
                              "corrupted", "copy the file again, or export again")
     return artifact, root

@@ -14,6 +14,7 @@ from pathlib import Path
 from edgevlm.runtimes.artifact import open_export
 from edgevlm.runtimes.base import runner_class, runner_for_target
 from edgevlm.runtimes.measure import PhaseMemory, phase
+from edgevlm.runtimes.provenance import package_versions
 from edgevlm.types import BenchResult
 
 METRICS = ("image_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s")
@@ -109,7 +110,8 @@ class Session:
                        "plan": self.artifact.plan.to_dict() if self.artifact.plan else None},
             "runtime": self.runner.name, "threads": self.runner.threads, "load_s": self.load_s,
             "load_mb": memory.peaks.get("load"), "facts": facts() if facts else None,
-            "versions": _versions(self.runner)}
+            "versions": package_versions("edgevlm", "onnxruntime", "llama_cpp_python",
+                                                 "numpy")}
 
     def run(self) -> dict:
         return run_once(self.runner, self.image, self.config)
@@ -334,20 +336,6 @@ def ratios(results: list[BenchResult]) -> dict:
         if base.peak_rss_mb and result.peak_rss_mb:
             entry["peak_rss_mb"] = result.peak_rss_mb / base.peak_rss_mb
         out[str(index)] = entry
-    return out
-
-
-def _versions(runner) -> dict:
-    from importlib import metadata
-
-    from edgevlm import __version__
-
-    out = {"edgevlm": __version__}
-    for name in ("onnxruntime", "llama_cpp_python", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -157,11 +157,11 @@ def record_in_export(out: str | Path, artifact, max_tokens: int) -> dict:
         record["written_to"] = [p for p in ("onnx/processor_config.json",
                                             "onnx/preprocessor_config.json")
                                 if (out / p).is_file()]
-        from .artifact import _sha256
+        from .provenance import sha256_file
 
         for entry in artifact.files:  # the manifest's hashes follow the rewritten files
             if entry.path in record["written_to"]:
-                entry.sha256 = _sha256(out / entry.path)
+                entry.sha256 = sha256_file(out / entry.path)
                 entry.bytes = (out / entry.path).stat().st_size
     else:
         record["llama_cpp_image_max_tokens"] = llamacpp_image_max_tokens(artifact, max_tokens)

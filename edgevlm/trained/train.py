@@ -43,6 +43,7 @@ def train(family: str, config, work_dir: Path, out: Path, *, resume: bool = Fals
     from edgevlm.accuracy import task_accuracy
     from edgevlm.loader import load
     from edgevlm.prompting import encode, model_inputs
+    from edgevlm.runtimes.provenance import package_versions
     from edgevlm.tasks import task_sample, task_samples
     from edgevlm.training import answer_loss, fit
 
@@ -72,7 +73,7 @@ def train(family: str, config, work_dir: Path, out: Path, *, resume: bool = Fals
               "final_loss": sum(losses[-50:]) / len(losses[-50:]), "losses_every_10": losses[::10],
               "test_accuracy": accuracy, "parameters": sum(p.numel() for p in vlm.model.parameters()),
               "machine": f"{platform.machine()}, torch threads: {torch.get_num_threads()}",
-              "torch": torch.__version__}
+              **package_versions("torch")}
     (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     (tmp / "README.md").write_text(model_card(vlm.model.config, record))
     if out.exists():
