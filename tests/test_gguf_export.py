@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from conftest import pruned_checkpoint  # noqa: E402
+from conftest import load_tiny, pruned_checkpoint  # noqa: E402
 
 from edgevlm.errors import UnsupportedModelError, UsageError, VerificationError  # noqa: E402
 
@@ -209,23 +209,41 @@ def test_llava_text_parity_and_upstream_clip_bug_is_caught(tmp_path):
     assert not list((tmp_path / "v" / "gguf").glob("*.gguf"))  # failed export keeps nothing
 
 
-def _stock_chat(out, art, *, side: int, max_tokens: int) -> dict:
-    """llama-cpp-python's stock chat API on an export: MTMDChatHandler, image as a data URL."""
+STOCK_PROMPT = "What shape is in the image?"
+
+
+def _stock_chat(out, art, *, side: int, max_tokens: int) -> tuple[dict, object]:
+    """llama-cpp-python's stock chat API on an export (MTMDChatHandler, image as a data URL,
+    greedy): (reply, the picture sent)."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
     from PIL import Image
 
+    image = Image.new("RGB", (side, side), (200, 30, 90))
     buf = io.BytesIO()
-    Image.new("RGB", (side, side), (200, 30, 90)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     handler = MTMDChatHandler(clip_model_path=str(out / art.file("mmproj").path),
                               verbose=False, use_gpu=False)
     llm = Llama(model_path=str(out / art.file("text_model").path), chat_handler=handler,
                 n_ctx=512, n_threads=1, verbose=False)
-    return llm.create_chat_completion(messages=[{"role": "user", "content": [
+    reply = llm.create_chat_completion(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}},
-        {"type": "text", "text": "What shape is in the image?"}]}], max_tokens=max_tokens,
-        temperature=0.0)
+        {"type": "text", "text": STOCK_PROMPT}]}], max_tokens=max_tokens, temperature=0.0)
+    return reply, image
+
+
+def _assert_stock_chat_agrees(out, art, reply, image, max_tokens: int, vlm=None) -> None:
+    """The stock API's answer is the edgevlm runner's (same GGUF chat template, mtmd, F16 KV
+    cache, EOS honoured), whose tokens agree with PyTorch by the verifier's criterion."""
+    got = _runner_against_pytorch(out, art, prompt=STOCK_PROMPT, image=image, kv_f32=False,
+                                  max_tokens=max_tokens, ignore_eos=False, vlm=vlm)
+    trace = got["trace"]
+    assert got["shortfall"] <= got["bound"], (got, trace.tokens)
+    # llama-cpp-python drops undecodable bytes where the runner writes U+FFFD
+    assert reply["choices"][0]["message"]["content"] == trace.text.replace("\ufffd", ""), (
+        reply, trace)
+    assert reply["usage"]["completion_tokens"] == len(trace.tokens)
 
 
 @pytest.mark.slow
@@ -233,21 +251,30 @@ def test_stock_chat_api_with_image_data_url(tmp_path):
     from edgevlm.export.gguf_export import export_gguf
 
     art = export_gguf(_tiny_dir("llava"), tmp_path, quant="f16", verify=False, progress=False)
-    reply = _stock_chat(tmp_path, art, side=32, max_tokens=8)
+    reply, image = _stock_chat(tmp_path, art, side=32, max_tokens=8)
     assert reply["usage"]["prompt_tokens"] > 16  # the 16 image tokens went in
-    assert isinstance(reply["choices"][0]["message"]["content"], str)
-    assert reply["usage"]["completion_tokens"] > 0
+    # this llama.cpp build's LLaVA image features are wrong: PyTorch gets llama.cpp's
+    _assert_stock_chat_agrees(tmp_path, art, reply, image, 8,
+                              vlm=_with_llama_cpp_features(tmp_path, art, image))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("f32_export", ["qwen2-vl", "qwen2.5-vl", "gemma3"], indirect=True)
+@pytest.mark.parametrize("f32_export", [
+    "qwen2-vl", "qwen2.5-vl",
+    # Measured: the stock handler's 3rd greedy token on tiny Gemma 3 is 0.056 (scaled) below
+    # PyTorch's best, where edgevlm's runner on the same files picks PyTorch's own tokens
+    # (F16 or F32 KV). The cause, in llama-cpp-python's handler, is not identified.
+    pytest.param("gemma3", marks=pytest.mark.xfail(
+        strict=True, reason="llama-cpp-python's stock chat diverges from PyTorch on Gemma 3"))],
+    indirect=True)
 def test_stock_chat_api_on_verified_exports(f32_export):
-    """M-RoPE (Qwen) and non-causal image tokens (Gemma 3) through the stock chat handler."""
+    """M-RoPE (Qwen) and non-causal image tokens (Gemma 3) through the stock chat handler:
+    its answer is the runner's, which agrees with PyTorch."""
     family, out, art = f32_export
     side = art.io.gguf["image"].get("image_size") if family == "gemma3" else 224
-    reply = _stock_chat(out, art, side=side, max_tokens=4)
+    reply, image = _stock_chat(out, art, side=side, max_tokens=4)
     assert reply["usage"]["completion_tokens"] > 0
-    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    _assert_stock_chat_agrees(out, art, reply, image, 4)
 
 
 @pytest.mark.slow
@@ -385,32 +412,101 @@ def test_llama_rotary_permutation_matches_interleaved_layout():
     assert got[head_dim:].tolist() == [8, 12, 9, 13, 10, 14, 11, 15]
 
 
-def _answer_with_runner(out, art) -> str:
+def _runner_against_pytorch(out, art, *, prompt: str = "What is in the image?",
+                            max_tokens: int = 16, kv_f32: bool = True, ignore_eos: bool = True,
+                            image=None, vlm=None) -> dict:
+    """`edgevlm run`'s llama.cpp runner on the export, greedy, against PyTorch by the
+    verifier's criterion (export/parity.py, as gguf_export/verify.py's runner check): teacher-
+    forced along the runner's tokens, PyTorch must rank each pick within the export's logits
+    bound of its best (random weights tie logits: exact argmax equality would test float
+    noise). The picture (default: the bench image) has a size both preprocessors leave
+    untouched, as in verification."""
+    from edgevlm.calib import CalibSample
     from edgevlm.devices import get_profile
+    from edgevlm.export.gguf_export.verify import native_image, text_rms_eps
+    from edgevlm.export.parity import TOLERANCES, runner_shortfall, torch_reference
     from edgevlm.runtimes.bench import bench_image, make_runner
 
+    family = art.io.family
+    image = image or native_image(family, {}, art.io.gguf["image"], bench_image((200, 150)))
     art.save(out / "manifest.json")
     runner, _, _ = make_runner(out, get_profile("laptop-x86"))
+    runner.kv_f32 = kv_f32
     runner.load()
-    trace = runner.generate(bench_image((200, 150)), "What is in the image?", max_tokens=8,
-                            ignore_eos=True)
-    runner.close()
-    assert len(trace.tokens) == 8 and trace.image_s > 0 and trace.prompt_tokens > 8
-    return trace.text
+    try:
+        trace = runner.generate(image, prompt, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    finally:
+        runner.close()
+    assert trace.tokens, "the runner generated nothing"
+    vlm = vlm or load_tiny(family)
+    # This llama.cpp build runs qwen2vl text RMSNorm without epsilon; verification detected it
+    # and compares against PyTorch with eps 0 (manifest.parity.reference says so).
+    eps = 0.0 if "eps 0" in (art.parity or {}).get("reference", "") else None
+    with text_rms_eps(vlm, eps):
+        ref = torch_reference(vlm, CalibSample(image=image, prompt=prompt, answer=None,
+                                               source="test"), len(trace.tokens))
+        shortfall = runner_shortfall(vlm, ref, trace.tokens)
+    q = art.quantization
+    bound = max([TOLERANCES[q["decoder"]].logits]
+                + ([TOLERANCES[q["vision_encoder"]].logits] if q["vision_encoder"] != "f32"
+                   else [])
+                + ([] if kv_f32 else [TOLERANCES["f16"].logits]))  # llama.cpp's F16 KV cache
+    return {"trace": trace, "shortfall": shortfall, "bound": bound, "torch": ref["tokens"]}
 
 
-def test_llamacpp_runner_answers_with_an_image(f32_export):
-    """`edgevlm run`'s llama.cpp runner drives every verified family's export."""
+def test_llamacpp_runner_greedy_tokens_agree_with_pytorch(f32_export):
+    """`edgevlm run`'s llama.cpp runner on every verified family's f32 export: each greedy
+    pick is within the f32 logits bound of PyTorch's best, teacher-forced along them."""
     _family, out, art = f32_export
-    assert isinstance(_answer_with_runner(out, art), str)
+    got = _runner_against_pytorch(out, art)
+    trace = got["trace"]
+    assert len(trace.tokens) == 16 and trace.image_s > 0 and trace.prompt_tokens > 8
+    assert got["shortfall"] <= got["bound"] == 1e-3, (got, trace.tokens)
+
+
+def _with_llama_cpp_features(out, art, image=None):
+    """A copy of tiny:llava whose text model takes llama.cpp's image features (the mmproj run
+    by mtmd on `image`, default _runner_against_pytorch's) in place of its own."""
+    import torch
+
+    from edgevlm.export.gguf_export.verify import native_image
+    from edgevlm.loader import LoadedVLM
+    from edgevlm.runtimes import llamacpp_runner as llamacpp
+    from edgevlm.runtimes.bench import bench_image
+
+    base = load_tiny("llava")
+    vlm = LoadedVLM(model=copy.deepcopy(base.model), processor=base.processor,
+                    adapter=base.adapter, name=base.name, path=base.path)
+    image = image or native_image("llava", {}, art.io.gguf["image"], bench_image((200, 150)))
+    llm = llamacpp.open_text(out / art.file("text_model").path)
+    feats = torch.from_numpy(llamacpp.image_embeddings(llm, out / art.file("mmproj").path, image))
+    del llm
+    seen = {}
+
+    def ids(_m, args, kwargs):
+        seen["mask"] = vlm.adapter.visual_mask(kwargs["input_ids"], vlm.config)[0]
+
+    def swap(_m, args, kwargs):
+        mask = seen.pop("mask", None)
+        if mask is not None and int(mask.sum()) == len(feats):  # the prefill, image included
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].clone()
+            kwargs["inputs_embeds"][0, mask] = feats.to(kwargs["inputs_embeds"].dtype)
+        return args, kwargs
+
+    vlm.model.register_forward_pre_hook(ids, with_kwargs=True)
+    vlm.adapter.text_stack(vlm.model).register_forward_pre_hook(swap, with_kwargs=True)
+    return vlm
 
 
 def test_llamacpp_runner_answers_for_llava(tmp_path):
-    """LLaVA runs too (its image features are wrong in this llama.cpp build, see above)."""
+    """LLaVA runs too. Its image features are wrong in this llama.cpp build (see above), so
+    PyTorch is given llama.cpp's features: the runner's text path (chat template, image
+    placement, greedy decode) must then agree with PyTorch by the verifier's criterion."""
     from edgevlm.export.gguf_export import export_gguf
 
     art = export_gguf(_tiny_dir("llava"), tmp_path, quant="f16", verify=False, progress=False)
-    assert isinstance(_answer_with_runner(tmp_path, art), str)
+    got = _runner_against_pytorch(tmp_path, art, vlm=_with_llama_cpp_features(tmp_path, art))
+    assert got["shortfall"] <= got["bound"], (got, got["trace"].tokens)
 
 
 # --- tokenizer: llama.cpp pre-tokenizer names for real checkpoints' tokenizer.json ----------
