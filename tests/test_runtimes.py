@@ -57,6 +57,20 @@ def test_llamacpp_runner_answers_with_an_image(gguf_export):
     runner.close()
 
 
+def test_llamacpp_runner_tokens_agree_with_pytorch(gguf_export):
+    """The default runner (llama.cpp's F16 KV cache) on the f16 export: PyTorch, teacher-forced
+    along its greedy tokens, ranks each within f16's logits bound of its best (the verifier's
+    criterion, export/parity.py), on a picture both preprocessors leave untouched."""
+    from test_gguf_export import _runner_against_pytorch
+
+    from edgevlm.types import ExportArtifact
+
+    art = ExportArtifact.load(gguf_export / "manifest.json")
+    got = _runner_against_pytorch(gguf_export, art, kv_f32=False)
+    assert len(got["trace"].tokens) == 16
+    assert got["shortfall"] <= got["bound"] == 1e-2, (got, got["trace"].tokens)
+
+
 def test_bench_fills_every_field(gguf_export):
     result = bench(gguf_export, BenchConfig(runs=2, warmup=1, gen_tokens=8), profile=LAPTOP)
     data = json.loads(json.dumps(result.to_dict()))
