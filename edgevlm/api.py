@@ -160,7 +160,7 @@ def export(model, out: str | Path, target: str | _ExportConfig = "onnx", *, cali
     from edgevlm.outdir import check_writable, staged_dir
     from edgevlm.pipeline import export_name, export_target
     from edgevlm.targets import TARGETS
-    from edgevlm.ui import native_stdout_silenced
+    from edgevlm.ui import quieted
 
     config = EXPORT_CONFIGS[TARGETS.get(target).name]() if isinstance(target, str) else target
     spec = TARGETS.get(config.target)
@@ -182,7 +182,7 @@ def export(model, out: str | Path, target: str | _ExportConfig = "onnx", *, cali
             model_dir = model.path if _in_sync(model) else _save(model, tmp / "pruned")
         if config.target == "gguf" and options.get("name") is None:
             options["name"] = export_name(name, plan)
-        with native_stdout_silenced(not progress):
+        with quieted(native_stdout=not progress):
             artifact = export_target(spec.name, Path(model_dir), tmp, quant=config.quant,
                                      base_model=name, verify=verify,
                                      samples=samples, progress=progress, **options)

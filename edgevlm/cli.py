@@ -11,7 +11,7 @@ from pathlib import Path
 from edgevlm import __version__, budget_cli, vision_cli
 from edgevlm.errors import EdgeVLMError
 from edgevlm.loader import DEFAULT_MODEL
-from edgevlm.ui import set_quiet
+from edgevlm.ui import quiet_transformers, set_quiet
 
 EPILOG = """examples:
   edgevlm export --model tiny:smolvlm --method bi --ratio 0.3 --target gguf -o out
@@ -230,13 +230,7 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_transformers()
 
 
 def main(argv: list[str] | None = None) -> int:

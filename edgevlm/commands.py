@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgevlm import budget_cli, vision_cli
 from edgevlm.errors import UsageError
-from edgevlm.ui import info, native_stdout_silenced
+from edgevlm.ui import info, quieted
 
 
 def _options(pairs: list[str]) -> dict:
@@ -365,7 +365,7 @@ def cmd_export(args) -> int:
             model_dir, _ = recover_for_export(args, model_dir, tmp)
         extra = dict(options, name=pipeline.export_name(args.model, plan)) if (
             target.name == "gguf") else options
-        with native_stdout_silenced(not args.verbose):
+        with quieted(native_stdout=not args.verbose):
             artifact = pipeline.export_target(
                 target.name, model_dir, tmp, quant=quant, base_model=args.model, verify=not args.no_verify, samples=samples,
                 progress=not args.quiet, **extra)

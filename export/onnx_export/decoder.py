@@ -9,13 +9,12 @@ export with unfused attention, and builds in seconds. We build from a text-only 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgevlm.errors import EdgeVLMError, require
+from edgevlm.ui import quieted
 
 # edgevlm quant name -> builder precision
 BUILDER_PRECISION = {"none": "fp32", "int8": "int8", "q4": "int4"}
@@ -54,30 +53,20 @@ def build_decoder(text_dir: Path, out_dir: Path, cache_dir: Path, quant: str = "
                     f"int4_accuracy_level={int4_accuracy_level}"]
         if lm_head_8bit:
             options.append("int4_nodes_to_exclude=/lm_head/MatMul")
-    log = io.StringIO()
-    # Its quantizer logs every node at INFO through its own handler.
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    # Its from_pretrained of the text folder reports the (unused) vision weights as missing.
-    transformers.logging.set_verbosity_error()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    # Its quantizer logs every node at INFO through its own handler; its from_pretrained of
+    # the text folder reports the (unused) vision weights as missing.
+    with quieted(logs=logging.INFO, stdout=True, stderr=True, transformers=True) as log:
+        try:
             opts = builder.parse_extra_options(None, str(text_dir), str(out_dir), precision, "cpu",
                                                str(cache_dir), options)
             _patch_config(opts["hf_details"]["hf_config"])
             builder.create_model(None, str(text_dir), str(out_dir), precision, "cpu",
                                  str(cache_dir), **opts)
-    except Exception as exc:
-        tail = "\n".join(log.getvalue().splitlines()[-15:])
-        raise EdgeVLMError(f"onnxruntime-genai's model builder failed ({precision}): "
-                           f"{type(exc).__name__}: {exc}\n{tail}",
-                           "report it with the model's config.json") from exc
-    finally:
-        logging.disable(previous)
-        transformers.logging.set_verbosity(verbosity)
+        except Exception as exc:
+            tail = "\n".join(log.getvalue().splitlines()[-15:])
+            raise EdgeVLMError(f"onnxruntime-genai's model builder failed ({precision}): "
+                               f"{type(exc).__name__}: {exc}\n{tail}",
+                               "report it with the model's config.json") from exc
     _fix_kv_dims(Path(out_dir) / "model.onnx", Path(text_dir) / "config.json")
     return BuiltDecoder(folder=Path(out_dir), precision=precision)
 

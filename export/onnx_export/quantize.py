@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
 from edgevlm.errors import require
+from edgevlm.ui import quieted
 
 
 def quantize_int8_dynamic(src: Path, dest: Path) -> Path:
@@ -18,14 +17,9 @@ def quantize_int8_dynamic(src: Path, dest: Path) -> Path:
 
     # It logs an advice to pre-process on the root logger every call; the graphs are already
     # shape-inferred by the exporter.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"])
-    finally:
-        logging.disable(previous)
+    with quieted(logs=logging.WARNING, stdout=True):
+        quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
     return dest
 
 
@@ -36,14 +30,10 @@ def quantize_q4(src: Path, dest: Path, block_size: int = 32, accuracy_level: int
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
-    try:
+    with quieted(logs=logging.INFO):
         model = onnx.load(str(src))
         quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True,
                                          accuracy_level=accuracy_level)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
-    finally:
-        logging.disable(previous)
     return dest
