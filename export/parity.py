@@ -66,6 +66,9 @@ IMAGE_GREEDY = {"f16": TOLERANCES["f16"].greedy, "q8_0": TOLERANCES["q8_0"].gree
 # qwen2vl in this llama.cpp build runs text RMSNorm without epsilon (gguf_export/verify.py
 # detects it): at f32 its logits are held to this unless the eps-0 reference is used.
 F32_LOGITS_QWEN = 1e-2
+# The ONNX ShortV freeze prefill graph (fp32) against the PyTorch freeze forward: its
+# last-position logits are held to TOLERANCES["f32"].logits, every layer's KV cache to this.
+KV_TOLERANCES = {"f32": 1e-3}
 # ONNX quantization names -> precision rows above.
 ONNX_PRECISION = {"none": "f32", "int8": "int8", "q4": "q4"}
 

@@ -262,6 +262,12 @@ def test_onnx_freeze_prefill_equals_pytorch(onnx_exports, family, calib):
     assert entry and entry.path == "onnx/onnx/decoder_model_merged_prefill_freeze.onnx"
     assert manifest.io.graphs["decoder_prefill_freeze"]["frozen_layers"] == _frozen_set(family)
     assert manifest.parity["freeze_prefill"]["kv_max_abs_diff"] < 1e-3
+    # its checks are the report's (export/parity.py tolerances), printed with the others
+    freeze = [c for c in manifest.parity["checks"] if "freeze prefill" in c["name"]]
+    assert len(freeze) == 3 and all(c["passed"] and c["tolerance"] for c in freeze)
+    from edgevlm.commands import _parity_summary
+
+    assert "fp32 freeze prefill KV cache error" in _parity_summary(manifest.parity)
     assert manifest.parity["greedy_tokens_equal"]
     assert manifest.plan.mode == "freeze" and manifest.plan.layers == _frozen_set(family)
 

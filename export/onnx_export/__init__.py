@@ -139,9 +139,12 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
             bar.set_postfix_str("verify")
             artifact.parity = verify_export(vlm, dest, samples or _default_samples(), quants,
                                             vision_quant, gen_tokens)
-            if freeze_io:  # checked against its own tolerances there; recorded beside ours
-                artifact.parity["freeze_prefill"] = freeze_prefill.verify_freeze_prefill(
-                    vlm, dest, samples or _default_samples())
+            if freeze_io:  # its checks join the report (export/parity.py's tolerances)
+                from edgevlm.export.parity import ParityReport
+
+                artifact.parity = freeze_prefill.verify_freeze_prefill(
+                    vlm, dest, samples or _default_samples(),
+                    ParityReport.from_dict(artifact.parity)).to_dict()
             artifact.save(out_root / "manifest.json")
         bar.update()
     finally:

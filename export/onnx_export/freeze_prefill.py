@@ -20,19 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from edgevlm.errors import EdgeVLMError, VerificationError
 from edgevlm.export.onnx_export.torch_decoder import logits_and_present
+from edgevlm.export.parity import KV_TOLERANCES, TOLERANCES, ParityReport, scaled_error
 
 GRAPH_STEM = "decoder_model_merged_prefill_freeze"
 INPUTS = ("inputs_embeds", "position_ids", "text_positions")
-# fp32 tolerances of the freeze prefill against the PyTorch freeze forward, scaled by
-# max(1, max|reference|) like the other ONNX checks.
-LOGITS_TOL = 1e-3
-KV_TOL = 1e-3
 
 
 class FreezePrefill(nn.Module):
@@ -163,37 +159,41 @@ def torch_prefill(vlm, sample) -> dict:
     return {"inputs": inputs, "logits": out.logits[0, -1].float().numpy(), "kv": kv}
 
 
-def verify_freeze_prefill(vlm, folder: Path, samples) -> dict:
-    """The ONNX freeze prefill against the PyTorch freeze forward: last-position logits and
-    every layer's KV cache (Gemma 3's sliding layers: the positions PyTorch's windowed cache
-    keeps). Raises VerificationError beyond tolerance."""
+def verify_freeze_prefill(vlm, folder: Path, samples,
+                          report: ParityReport | None = None) -> ParityReport:
+    """The ONNX freeze prefill against the PyTorch freeze forward (`torch_prefill`): last-
+    position logits and every layer's KV cache (Gemma 3's sliding layers: the positions
+    PyTorch's windowed cache keeps), as checks of `report` (a new ONNX one if None) with
+    export/parity.py's f32 tolerances; the measured figures go into
+    report.measured["freeze_prefill"]. Raises VerificationError when a check fails."""
     from edgevlm.runtimes.ort_generate import OnnxVLM
 
     runner = OnnxVLM(folder)
     if runner.freeze_prefill is None:
         raise VerificationError("the export has no freeze prefill graph", "report it")
-    logit_diff = kv_diff = 0.0
-    failures = []
-    for i, sample in enumerate(samples):
+    report = report or ParityReport(target="onnx", samples=len(samples))
+    logit = kv_err = logit_abs = kv_abs = 0.0
+    names_equal = True
+    for sample in samples:
         ref = torch_prefill(vlm, sample)
         logits, kv = runner.freeze_prefill_outputs(ref["inputs"])
-        d = float(np.abs(logits - ref["logits"]).max())
-        logit_diff = max(logit_diff, d)
-        if d > LOGITS_TOL * max(1.0, float(np.abs(ref["logits"]).max())):
-            failures.append(f"sample {i}: freeze prefill logits differ by {d:.3g}")
+        err, diff = scaled_error(logits, ref["logits"])
+        logit, logit_abs = max(logit, err), max(logit_abs, diff)
         if set(kv) != set(ref["kv"]):
-            failures.append(f"sample {i}: KV names {sorted(kv)[:2]}... differ from PyTorch's")
+            names_equal = False
             continue
         for name, want in ref["kv"].items():
             got = kv[name][0][:, -want.shape[1]:]  # a windowed PyTorch layer keeps the last ones
-            d = float(np.abs(got - want).max())
-            kv_diff = max(kv_diff, d)
-            if d > KV_TOL * max(1.0, float(np.abs(want).max())):
-                failures.append(f"sample {i}: {name} differs by {d:.3g}")
-    if failures:
-        raise VerificationError("ONNX freeze prefill disagrees with the PyTorch freeze forward: "
-                                + "; ".join(failures[:5]),
-                                "report it with the model's config.json; the export was not written")
-    return {"samples": len(samples), "logits_max_abs_diff": logit_diff,
-            "kv_max_abs_diff": kv_diff,
-            "tolerance": {"logits": LOGITS_TOL, "kv": KV_TOL, "scaled_by": "max(1, max|reference|)"}}
+            err, diff = scaled_error(got, want)
+            kv_err, kv_abs = max(kv_err, err), max(kv_abs, diff)
+    report.add("fp32 freeze prefill logits error (PyTorch freeze forward)", logit, "<=",
+               TOLERANCES["f32"].logits)
+    report.add("fp32 freeze prefill KV cache names equal PyTorch's", float(names_equal), ">=",
+               1.0)
+    report.add("fp32 freeze prefill KV cache error", kv_err, "<=", KV_TOLERANCES["f32"])
+    report.measured["freeze_prefill"] = {"samples": len(samples),
+                                         "logits_max_abs_diff": logit_abs,
+                                         "kv_max_abs_diff": kv_abs}
+    report.raise_if_failed("ONNX freeze prefill disagrees with the PyTorch freeze forward",
+                           "report it with the model's config.json; the export was not written")
+    return report
