@@ -69,3 +69,16 @@ def test_one_reference_ignores_eos_and_encodes_the_chat(calib):
                        return_tensors="pt")
     assert ref["ids"] == batch["input_ids"][0].tolist()
     assert ref["features"].shape == (sum(ref["mask"]), vlm.config.get_text_config().hidden_size)
+
+
+def test_family_table_holds_the_llama_cpp_eps_defect_and_its_bound():
+    """The Qwen-VL llama.cpp RMSNorm-eps defect and the f32 bound used when it goes
+    undetected are family facts (runtimes/families.py), read by gguf_export/verify.py."""
+    from edgevlm.export.parity import TOLERANCES
+    from edgevlm.runtimes import families
+
+    for f in families.TABLE:
+        assert (f.gguf_f32_logits_tol is not None) == f.gguf_rms_eps_ignored, f.name
+    assert {f.name for f in families.TABLE if f.gguf_rms_eps_ignored} == {"qwen2-vl",
+                                                                           "qwen2.5-vl"}
+    assert families.family("qwen2-vl").gguf_f32_logits_tol > TOLERANCES["f32"].logits

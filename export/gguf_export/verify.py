@@ -11,7 +11,6 @@ import numpy as np
 
 from edgevlm.errors import VerificationError
 from edgevlm.export.parity import (
-    F32_LOGITS_QWEN,
     IMAGE_GREEDY,
     IMAGE_TOLERANCES,
     TOLERANCES,
@@ -26,9 +25,6 @@ from edgevlm.runtimes import llamacpp_runner as llamacpp
 
 # family -> this llama.cpp build's known defect for it (from the family table).
 KNOWN = {f.name: f.known_defects["gguf"] for f in families.TABLE if "gguf" in f.known_defects}
-# Text archs whose llama.cpp build may ignore {arch}.attention.layer_norm_rms_epsilon (this
-# one runs qwen2vl with eps 0). Detected, not assumed: see _rms_eps_ignored.
-EPS_SUSPECT_ARCHS = {"qwen2vl"}
 
 
 def native_image(family: str, cfg: dict, io: dict, image):
@@ -127,10 +123,11 @@ def _measure_text(llm, refs, embs, family: str) -> dict:
     return out
 
 
-def _eps_in_llama_cpp(vlm, f32_file, sample, text_arch) -> float | None:
-    """0.0 when the f32 text file shows that this llama.cpp build ignores the RMSNorm epsilon
-    of `text_arch` (then PyTorch with eps 0 is the reference); None otherwise."""
-    if f32_file is None or text_arch not in EPS_SUSPECT_ARCHS:
+def _eps_in_llama_cpp(vlm, f32_file, sample, family: str) -> float | None:
+    """0.0 when the f32 text file shows that this llama.cpp build ignores the text RMSNorm
+    epsilon, for a family whose table entry says it may (`gguf_rms_eps_ignored`; detected, not
+    assumed): then PyTorch with eps 0 is the reference. None otherwise."""
+    if f32_file is None or not families.family(family).gguf_rms_eps_ignored:
         return None
     text = f"{sample.prompt} {sample.answer or ''}".strip()
     ids = vlm.processor.tokenizer(text, add_special_tokens=False).input_ids
@@ -169,7 +166,7 @@ def verify_export(model_dir: Path, text_path: Path, mm_path: Path, *, family: st
     vlm = load(str(model_dir))
     samples = list(samples or load_calibration("builtin:4", seed=0).heldout[:1])
     f32_file = intermediate or (text_path if quant == "f32" else None)
-    eps = _eps_in_llama_cpp(vlm, f32_file, samples[0], text_arch)
+    eps = _eps_in_llama_cpp(vlm, f32_file, samples[0], family)
     with text_rms_eps(vlm, eps):
         refs = [_reference(vlm, family, io, s, gen_tokens) for s in samples]
     # The longest sequence fed: a text sample, or an image prompt plus its greedy steps.
@@ -192,8 +189,9 @@ def verify_export(model_dir: Path, text_path: Path, mm_path: Path, *, family: st
         m = _measure_text(llm, refs, embs, family)
         del llm
         tol = TOLERANCES[kind]
-        if kind == "f32" and family.startswith("qwen") and eps is None:
-            tol = Tolerance(F32_LOGITS_QWEN, tol.top1, tol.greedy)
+        spec = families.family(family)
+        if kind == "f32" and spec.gguf_rms_eps_ignored and eps is None:
+            tol = Tolerance(spec.gguf_f32_logits_tol, tol.top1, tol.greedy)
         if mmproj_type in IMAGE_GREEDY:  # greedy steps see the mmproj's features: its precision too
             tol = Tolerance(tol.logits, tol.top1, min(tol.greedy, IMAGE_GREEDY[mmproj_type]))
         _text_checks(report, label, m, tol)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from edgevlm.errors import EdgeVLMError, VerificationError
-from edgevlm.export.onnx_export.torch_decoder import logits_and_present
+from edgevlm.export.onnx_export.torch_decoder import image_flag, logits_and_present
 from edgevlm.export.parity import KV_TOLERANCES, TOLERANCES, ParityReport, scaled_error
+from edgevlm.runtimes import families
 
 GRAPH_STEM = "decoder_model_merged_prefill_freeze"
 INPUTS = ("inputs_embeds", "position_ids", "text_positions")
@@ -36,7 +37,6 @@ class FreezePrefill(nn.Module):
 
     def __init__(self, vlm):
         super().__init__()
-        from edgevlm.export.onnx_export.torch_decoder import IMAGE_FLAG_FAMILIES
         from edgevlm.freeze import installed_layers
 
         if not installed_layers(vlm):
@@ -48,7 +48,7 @@ class FreezePrefill(nn.Module):
         text = vlm.config.get_text_config()
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.window = getattr(text, "sliding_window", None)
-        self.flag = vlm.adapter.family in IMAGE_FLAG_FAMILIES
+        self.flag = image_flag(vlm.adapter.family)
         self.n_layers = len(self.text.layers)
 
     def forward(self, inputs_embeds, position_ids, text_positions):
@@ -82,9 +82,9 @@ def _example(vlm):
     s = 7
     visual = torch.tensor([0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
     embeds = torch.randn(1, s, hidden)
-    if vlm.adapter.family in ("gemma3",):
+    if image_flag(vlm.adapter.family):
         embeds = torch.cat([embeds, visual.float()[None, :, None]], dim=-1)
-    if vlm.adapter.family.startswith("qwen"):
+    if families.family(vlm.adapter.family).mrope:
         positions = torch.arange(s)[None, None].expand(3, 1, s).contiguous()
     else:
         positions = torch.arange(s)[None]

@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Families whose embed_tokens / vision_encoder / decoder carry the image-flag channel.
-IMAGE_FLAG_FAMILIES = ("gemma3",)
+from edgevlm.runtimes import families
+
+
+def image_flag(family: str) -> bool:
+    """Whether the family's embed_tokens / vision_encoder / decoder graphs carry the image-flag
+    channel: those whose prefill attends both ways among an image's tokens (the family
+    table's `bidirectional_images`), which this decoder builds from the flag."""
+    return families.family(family).bidirectional_images
 
 
 class BiasDecoder(nn.Module):

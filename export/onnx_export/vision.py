@@ -171,10 +171,10 @@ def vision_wrapper(vlm):
 
 def export_vision(vlm, path: Path) -> dict:
     """Export the vision encoder + projector; returns its I/O description."""
-    from edgevlm.export.onnx_export.torch_decoder import IMAGE_FLAG_FAMILIES
+    from edgevlm.export.onnx_export.torch_decoder import image_flag
 
     wrapper, names, example, dynamic = vision_wrapper(vlm)
-    if vlm.adapter.family in IMAGE_FLAG_FAMILIES:
+    if image_flag(vlm.adapter.family):
         wrapper = Flagged(wrapper)
     if families.family(vlm.adapter.family).onnx_fused_vision_attention:
         with fused_vision_attention(vlm.config.vision_config):
@@ -187,10 +187,10 @@ def export_vision(vlm, path: Path) -> dict:
 def export_embed_tokens(vlm, path: Path) -> dict:
     """Export the token embedding table as input_ids -> inputs_embeds."""
     torch = _torch()
-    from edgevlm.export.onnx_export.torch_decoder import IMAGE_FLAG_FAMILIES
+    from edgevlm.export.onnx_export.torch_decoder import image_flag
 
     wrapper = EmbedTokens(vlm.adapter.embed_tokens(vlm.model),
-                          flag=vlm.adapter.family in IMAGE_FLAG_FAMILIES).eval()
+                          flag=image_flag(vlm.adapter.family)).eval()
     b, s = torch.export.Dim("batch_size", min=1, max=64), torch.export.Dim("sequence_length", min=1, max=1 << 20)
     _export(wrapper, (torch.ones(1, 4, dtype=torch.int64),), path, ["input_ids"], ["inputs_embeds"],
             ({0: b, 1: s},))
