@@ -11,11 +11,11 @@ image tokens appear in `input_ids`; Gemma 3 adds the image-flag channel (`torch_
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import warnings
 from pathlib import Path
 
+from edgevlm import ui
 from edgevlm.errors import EdgeVLMError, require
 from edgevlm.export.onnx_export.vision_attention import fused_vision_attention
 from edgevlm.runtimes import families
@@ -201,12 +201,11 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
     """torch.onnx.export (dynamo) into one self-contained file (external data over 2 GB)."""
     torch = _torch()
     require("onnxscript", "onnx", "exporting ONNX graphs with torch.onnx")
-    log = io.StringIO()
-    # The exporter logs a warning per torchvision op it cannot register; torchvision is
-    # deliberately absent.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # The exporter logs a warning per torchvision op it cannot register (torchvision is
+    # deliberately absent) and prints its progress: silenced for this call only.
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        with torch.no_grad(), warnings.catch_warnings(), ui.quieted(logs=logging.WARNING,
+                                                                    stdout=True):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, dynamo=True, input_names=input_names,
                                         output_names=output_names, dynamic_shapes=dynamic_shapes,
