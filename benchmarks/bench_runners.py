@@ -119,17 +119,21 @@ def main() -> None:
                 run_once(runner, image, config)  # warm-up
                 runners[pruned] = runner
             runs = {False: [], True: []}
-            for _ in range(args.runs):  # interleaved: noise hits both alike
+            bare = {False: [], True: []}
+            # Interleaved: pruned and unpruned, runner and bare loop alternate in every round,
+            # so the machine's noise hits each alike and the overhead is a per-round ratio.
+            for _ in range(args.runs):
                 for pruned, runner in runners.items():
                     runs[pruned].append(run_once(runner, image, config))
-            bare = {p: statistics.median(bare_decode_tok_s(r, image, args.gen_tokens)
-                                         for _ in range(args.runs)) for p, r in runners.items()}
+                    bare[pruned].append(bare_decode_tok_s(runner, image, args.gen_tokens))
             entry = {}
             for pruned, label in ((False, "unpruned"), (True, "pruned")):
                 entry[label] = {k: statistics.median(r[k] for r in runs[pruned])
                                 for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "image_ms")}
-                entry[label]["bare_decode_tok_s"] = bare[pruned]
-                entry[label]["runner_overhead"] = 1 - entry[label]["decode_tok_s"] / bare[pruned]
+                entry[label]["bare_decode_tok_s"] = statistics.median(bare[pruned])
+                overheads = [1 - r["decode_tok_s"] / b for r, b in zip(runs[pruned], bare[pruned], strict=True)]
+                entry[label]["runner_overhead"] = statistics.median(overheads)
+                entry[label]["runner_overhead_range"] = [min(overheads), max(overheads)]
                 entry[label]["prompt_tokens"] = runs[pruned][0]["prompt_tokens"]
             for key in ("prefill_tok_s", "decode_tok_s"):
                 entry[f"{key}_ratio"] = entry["pruned"][key] / entry["unpruned"][key]

@@ -2,9 +2,8 @@
 skip the layer's query, output projection and MLP (their hidden states pass through
 unchanged) but still provide keys and values, so text tokens attend to them.
 
-The frozen layers are recorded in the checkpoint's config.json under `edgevlm_freeze`
-(`{"layers": [...], "method": "lc", "ratio": 0.6, "n_layers": N, "tokens": "visual"}`);
-nothing is removed. `edgevlm.loader.load` installs the freeze forward when it finds the
+The frozen layers are recorded in the checkpoint's config.json under `edgevlm_freeze`, as
+the freeze plan's JSON (a PrunePlan with mode 'freeze'); nothing is removed. `edgevlm.loader.load` installs the freeze forward when it finds the
 record; stock `from_pretrained` ignores it and runs the normal forward.
 
 The freeze forward does the saving for real: a frozen layer gathers the rows that need work
@@ -46,9 +45,8 @@ class FreezeState:
 
 
 def freeze_record(plan) -> dict:
-    """The config.json record of a freeze plan (a PrunePlan with mode 'freeze')."""
-    return {"layers": sorted(plan.layers), "n_layers": plan.n_layers, "method": plan.method,
-            "ratio": plan.ratio, "tokens": "visual"}
+    """The config.json record of a freeze plan: the PrunePlan's own JSON (mode 'freeze')."""
+    return plan.to_dict()
 
 
 def frozen_layers(config) -> list[int]:

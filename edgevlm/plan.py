@@ -171,32 +171,29 @@ PLAN_CONFIG_KEY = "edgevlm_plan"
 
 def plan_from_config(config: dict) -> PrunePlan | None:
     """The plan a checkpoint's config.json records, as a PrunePlan (None: not pruned): its
-    `edgevlm_plan`, or a ShortV freeze record as a plan of mode 'freeze', with a vision-tower
-    record as `vision`. A record of an older edgevlm (keys `dropped`/`original_layers`) is
-    refused: its meaning is not guessed."""
+    `edgevlm_plan`, or the ShortV freeze record (a plan of mode 'freeze'), with the vision-tower
+    record as `vision`: all three are PrunePlan JSON. A record of an older edgevlm (keys
+    `dropped`/`original_layers`/`tokens`) is refused: its meaning is not guessed."""
     from edgevlm.freeze import FREEZE_CONFIG_KEY
     from edgevlm.vision_prune import VISION_PLAN_CONFIG_KEY
 
-    record = config.get(PLAN_CONFIG_KEY)
-    freeze = config.get(FREEZE_CONFIG_KEY)
-    vision = config.get(VISION_PLAN_CONFIG_KEY)
-    plan = None
-    if record:
-        if "dropped" in record or "original_layers" in record:
-            raise UsageError(f"config.json's {PLAN_CONFIG_KEY} was written by an older edgevlm "
-                             "(keys 'dropped'/'original_layers')",
-                             "prune the base model again with this edgevlm (edgevlm prune ...)")
-        plan = PrunePlan.from_dict(record)
-    elif freeze:
-        plan = PrunePlan(method=freeze.get("method", "manual"), n_layers=int(freeze["n_layers"]),
-                         layers=list(freeze["layers"]), mode="freeze", ratio=freeze.get("ratio"))
+    record, freeze, vision = (_recorded_plan(config, key) for key in
+                              (PLAN_CONFIG_KEY, FREEZE_CONFIG_KEY, VISION_PLAN_CONFIG_KEY))
+    plan = record or freeze
     if vision and (plan is None or plan.vision is None):
-        vplan = PrunePlan(method=vision.get("method", "manual"),
-                          n_layers=int(vision["original_layers"]), layers=list(vision["dropped"]),
-                          ratio=vision.get("ratio")).to_dict()
-        plan = plan or PrunePlan(method=vplan["method"], n_layers=_text_layers(config), layers=[])
-        plan.vision = vplan
+        plan = plan or PrunePlan(method=vision.method, n_layers=_text_layers(config), layers=[])
+        plan.vision = vision.to_dict()
     return plan.validate() if plan else None
+
+
+def _recorded_plan(config: dict, key: str) -> PrunePlan | None:
+    record = config.get(key)
+    if not record:
+        return None
+    if {"dropped", "original_layers", "tokens"} & set(record):
+        raise UsageError(f"config.json's {key} was written by an older edgevlm",
+                         "prune the base model again with this edgevlm (edgevlm prune ...)")
+    return PrunePlan.from_dict(record)
 
 
 def _text_layers(config: dict) -> int:

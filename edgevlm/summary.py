@@ -85,8 +85,8 @@ def format_summary(info: dict) -> str:
     ]
     if info["pruned"]:
         p = info["pruned"]
-        lines.append(f"pruned           {p.get('method')}: dropped {p.get('dropped')} "
-                     f"of {p.get('original_layers')} layers")
+        lines.append(f"pruned           {p.get('method')}: dropped {p.get('layers')} "
+                     f"of {p.get('n_layers')} layers")
     if info["notes"]:
         lines.append(f"notes            {info['notes']}")
     for target, defect in (info.get("known_defects") or {}).items():

@@ -17,13 +17,15 @@ def set_quiet(quiet: bool) -> None:
     QUIET = quiet
 
 
-def progress(iterable, *, desc: str = "", total: int | None = None, enabled: bool = True):
-    """tqdm over `iterable` unless quiet or disabled; leaves no bar behind."""
-    if QUIET or not enabled:
-        return iterable
+def progress(iterable=None, *, desc: str = "", total: int | None = None, unit: str = "it",
+             enabled: bool = True):
+    """tqdm over `iterable` unless quiet or disabled; leaves no bar behind. Without an
+    iterable, a bar to .update() by hand (a silent one when quiet or disabled)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr,
+    if QUIET or not enabled:
+        return iterable if iterable is not None else tqdm(total=total, disable=True)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
                 dynamic_ncols=True)
 
 

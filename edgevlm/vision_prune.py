@@ -149,6 +149,4 @@ def prune_vision_(vlm, plan: PrunePlan) -> None:
         # The Qwen2.5-VL tower copies the list at construction; keep the module in step.
         adapter.vision(model).fullatt_block_indexes = remapped
     vcfg.num_hidden_layers = len(kept)
-    setattr(config, VISION_PLAN_CONFIG_KEY,
-            {"method": plan.method, "ratio": plan.ratio, "original_layers": plan.n_layers,
-             "dropped": plan.layers, "kept": kept})
+    setattr(config, VISION_PLAN_CONFIG_KEY, plan.to_dict())  # the same schema as edgevlm_plan

@@ -39,6 +39,14 @@ def test_inspect_every_family(family, capsys):
     assert info["targets"] == ["onnx", "gguf"]
 
 
+def test_inspect_a_pruned_checkpoint_names_its_plan(tmp_path, capsys):
+    from conftest import pruned_checkpoint
+
+    folder = pruned_checkpoint("smolvlm", [2, 4], tmp_path / "pruned")
+    assert main(["inspect", str(folder)]) == 0
+    assert "dropped [2, 4] of 8 layers" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, match", [
     (["--target", "onnx", "--quant", "q3"], "none, int8, q4"),
     (["--target", "gguf", "--quant", "q9_k"], "q4_k_m"),

@@ -173,7 +173,7 @@ def test_config_record_loader_and_stock_from_pretrained(tmp_path, calib):
 
     folder = _frozen_checkpoint("llava", tmp_path / "frozen")
     record = json.loads((folder / "config.json").read_text())[freeze.FREEZE_CONFIG_KEY]
-    assert record["layers"] == _frozen_set("llava") and record["tokens"] == "visual"
+    assert record["layers"] == _frozen_set("llava") and record["mode"] == "freeze"
     vlm = load(str(folder))
     assert freeze.installed_layers(vlm) == record["layers"]
     batch = _batch(vlm, calib, n=1)

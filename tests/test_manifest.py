@@ -83,17 +83,18 @@ def test_plan_from_config_reads_every_record_as_a_prune_plan():
     plan = PrunePlan(method="bi", n_layers=8, layers=[2, 5], ratio=0.25)
     assert plan_from_config({"edgevlm_plan": plan.to_dict()}) == plan
     assert plan_from_config({"text_config": {"num_hidden_layers": 8}}) is None
-    freeze = plan_from_config({"edgevlm_freeze": {"layers": [1, 3], "n_layers": 8,
-                                                  "method": "lc", "ratio": 0.25,
-                                                  "tokens": "visual"}})
-    assert (freeze.mode, freeze.layers, freeze.n_layers) == ("freeze", [1, 3], 8)
+    frozen = PrunePlan(method="lc", n_layers=8, layers=[1, 3], mode="freeze", ratio=0.25)
+    assert plan_from_config({"edgevlm_freeze": frozen.to_dict()}) == frozen
+    tower = PrunePlan(method="bi", n_layers=4, layers=[1, 2], ratio=0.5)
     vision = plan_from_config({"text_config": {"num_hidden_layers": 8},
-                               "edgevlm_vision_plan": {"method": "bi", "ratio": 0.5,
-                                                       "original_layers": 4, "dropped": [1, 2],
-                                                       "kept": [0, 3]}})
-    assert vision.layers == [] and vision.vision["layers"] == [1, 2]
-    with pytest.raises(UsageError, match="older edgevlm"):
-        plan_from_config({"edgevlm_plan": OLD_MANIFEST["plan"]})
+                               "edgevlm_vision_plan": tower.to_dict()})
+    assert vision.layers == [] and vision.n_layers == 8 and vision.vision == tower.to_dict()
+    # Records of an older edgevlm (its own keys) are refused, whichever key holds them.
+    for key, record in (("edgevlm_plan", OLD_MANIFEST["plan"]),
+                        ("edgevlm_freeze", {"layers": [1, 3], "n_layers": 8, "tokens": "visual"}),
+                        ("edgevlm_vision_plan", {"original_layers": 4, "dropped": [1, 2]})):
+        with pytest.raises(UsageError, match=f"{key} was written by an older edgevlm"):
+            plan_from_config({"text_config": {"num_hidden_layers": 8}, key: record})
 
 
 def test_plan_is_one_schema_on_every_export_path(tmp_path, capsys):

@@ -62,7 +62,7 @@ def test_vision_pruned_checkpoint_reloads_with_stock_transformers(tiny, calib, t
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["vision_config"]["depth" if "qwen" in tiny.adapter.family
                                   else "num_hidden_layers"] == len(plan.kept)
-    assert saved["edgevlm_vision_plan"]["dropped"] == plan.layers
+    assert saved["edgevlm_vision_plan"]["layers"] == plan.layers
 
 
 def test_qwen25_full_attention_blocks_are_remapped_and_periodic():

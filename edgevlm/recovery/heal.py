@@ -98,7 +98,7 @@ def check_pair(student_config, teacher_config, *, hidden_kd: bool, teacher_name:
                          "use --recipe logit-kd or sft")
     plan = getattr(student_config, "edgevlm_plan", None) or {}
     t_layers = int(t_text.num_hidden_layers)
-    original = plan.get("original_layers", plan.get("n_layers"))
+    original = plan.get("n_layers")
     if not plan:
         return [f"the student has no pruning plan in its config.json: is it pruned from "
                 f"{teacher_name}?"]

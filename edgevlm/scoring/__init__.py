@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgevlm import ui
 from edgevlm.scoring import angular, bi, lc, svl  # noqa: F401  (register the methods)
-from edgevlm.scoring.base import SCORERS, Scorer, register, tqdm_bar
+from edgevlm.scoring.base import SCORERS, Scorer, register
 from edgevlm.scoring.cache import (
     STATS,
     cache_file,
@@ -80,7 +81,7 @@ def _run(vlm, samples, scorer: Scorer, stored: dict, runtime: dict, info: dict,
     if n_layers is None:
         n_layers = len(vlm.adapter.layers(vlm.model))
     label = label or scorer.name
-    bar = tqdm_bar(len(samples), f"{label} scores", progress)
+    bar = ui.progress(desc=f"{label} scores", total=len(samples), unit="sample", enabled=progress)
 
     def batches():
         for batch in iter_batches(vlm, samples, batch_size):

@@ -54,9 +54,3 @@ SCORERS: Registry[Scorer] = Registry("scoring method")
 def register(scorer: Scorer) -> Scorer:
     SCORERS.add(scorer.name, scorer)
     return scorer
-
-
-def tqdm_bar(total: int, desc: str, progress: bool, unit: str = "sample"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgevlm import ui
 from edgevlm.export.gguf_export import quantize as q
 
 
@@ -59,12 +60,8 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable, jobs: list[TensorJ
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        items = plan
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(plan, desc=desc or path.name, unit="tensor", leave=False)
-        for job, kind in items:
+        for job, kind in ui.progress(plan, desc=desc or path.name, unit="tensor",
+                                     enabled=progress):
             data = job.load()
             if tuple(data.shape) != tuple(job.shape):
                 raise ValueError(f"{job.name}: produced {data.shape}, planned {job.shape}")

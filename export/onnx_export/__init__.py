@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edgevlm import ui
 from edgevlm.errors import UnsupportedModelError, UsageError
 from edgevlm.runtimes import families
 from edgevlm.types import ExportArtifact, ExportIO
@@ -64,8 +65,6 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
     `samples` (default: held-out builtin calibration samples) unless `verify` is False; raises
     VerificationError beyond tolerance. Scratch files live under `out_root` only while running.
     """
-    from tqdm.auto import tqdm
-
     from edgevlm.export.manifest import checkpoint_records, file_entry, tool_versions
     from edgevlm.export.onnx_export import layout, vision
     from edgevlm.export.onnx_export.quantize import quantize_int8_dynamic
@@ -86,7 +85,7 @@ def export_onnx(model_dir: Path, out_root: Path, *, quant: str = "none", vision_
     frozen = installed_layers(vlm)  # ShortV: a separate prefill graph (freeze_prefill.py)
     steps = ["files", "vision", "embed", *[f"decoder {q}" for q in quants],
              *(["freeze prefill"] if frozen else []), "verify"]
-    bar = tqdm(total=len(steps), desc="onnx export", disable=not progress, unit="step")
+    bar = ui.progress(desc="onnx export", total=len(steps), unit="step", enabled=progress)
     scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=out_root if out_root.exists() else None))
     files = []  # (path, role, dtype)
     try:
