@@ -283,6 +283,7 @@ def freeze_prefill_alone(folder: Path, threads: int, runs: int) -> dict:
 def speed_onnx(args, save) -> dict:
     from edgevlm.loader import resolve
     from edgevlm.runtimes.bench import BenchConfig, Worker
+    from edgevlm.runtimes.families import image_token_id
 
     config = json.loads((resolve(args.model) / "config.json").read_text())
     todo = variants(args)
@@ -294,8 +295,7 @@ def speed_onnx(args, save) -> dict:
     for v in todo:
         budget = v["value"] if v["kind"] == "budget" else None
         inputs, costs[v["name"]] = onnx_prompt(folders[v["name"]], budget)
-        image_id = (config.get("image_token_id") or config.get("image_token_index"))
-        visual[v["name"]] = (inputs["input_ids"][0] == image_id).tolist()
+        visual[v["name"]] = (inputs["input_ids"][0] == image_token_id(config)).tolist()
     out = {"runtime": "onnxruntime (edgevlm bench workers)", "quant": args.quant,
            "exports": commands, "frozen_layers": frozen, "results": {},
            "freeze_prefill_alone": None}

@@ -189,21 +189,20 @@ def export(model, out: str | Path, target: str | _ExportConfig = "onnx", *, cali
     return artifact
 
 
-def verify(export_dir: str | Path) -> dict:
+def verify(export_dir: str | Path):
     """Check an export folder: every file's sha256 against manifest.json, and the
     parity report recorded when `export` compared it with PyTorch (raises when a file
-    changed or a recorded check failed). Returns that report."""
-    from edgevlm.errors import VerificationError
+    changed or a recorded check failed). Returns that report, a ParityReport
+    (`.checks`, `.passed`, `.summary()`), or None for an export made without verification."""
+    from edgevlm.export.parity import ParityReport
     from edgevlm.runtimes.artifact import open_export
 
     artifact, _ = open_export(export_dir, check_hashes=True)
-    parity = dict(artifact.parity or {})
-    failed = [c for c in parity.get("checks", []) if not c.get("passed", True)]
-    if failed:
-        raise VerificationError(f"{export_dir}: recorded checks failed: "
-                                + "; ".join(str(c.get("name")) for c in failed),
-                                "re-export it (edgevlm.export)")
-    return parity
+    if not artifact.parity:
+        return None
+    report = ParityReport.from_dict(artifact.parity)
+    report.raise_if_failed(f"{export_dir}: recorded checks failed", "re-export it (edgevlm.export)")
+    return report
 
 
 def run(export_dir: str | Path, prompt: str, image: Any = None, *, max_tokens: int = 64,

@@ -58,6 +58,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(readme_example(), "README.md:Python API", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert "removed [" in out and "answer" in out and "TTFT ms" in out
+    assert "held-out sample(s): " in out and "logits" in out  # the recorded checks
     assert (tmp_path / "out/api/pruned/config.json").exists()
     assert (tmp_path / "out/api/onnx/manifest.json").exists()
     import json
