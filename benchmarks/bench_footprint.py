@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from edgevlm.devices import get_profile
-from edgevlm.runtimes.bench import BenchConfig, Worker, result_of
+from edgevlm.runtimes.bench import BenchConfig, Workers, result_of
 
 # "q4+vision-int8": the q4 decoder with `--vision-quant int8` (llama.cpp's mmproj is f16).
 VARIANTS = [("onnx", "q4"), ("onnx", "q4+vision-int8"), ("onnx", "int8"), ("gguf", "q4_0"),
@@ -78,10 +78,8 @@ def ensure_exports(model: str, ratio: float, work: Path, variants, groups=(True,
 def measure_group(folders: dict, config: BenchConfig, profile, contexts, new: int,
                   repeats: int) -> dict:
     """One worker process per export; full runs then decode-at-context, interleaved."""
-    workers = {}
-    try:
-        for key, folder in folders.items():
-            workers[key] = Worker(folder, config, profile)
+    with Workers() as pool:
+        workers = {key: pool.start(folder, config, profile) for key, folder in folders.items()}
         warm = {k: [w.run() for _ in range(config.warmup)] for k, w in workers.items()}
         runs = {k: [] for k in workers}
         for _ in range(config.runs):
@@ -94,12 +92,6 @@ def measure_group(folders: dict, config: BenchConfig, profile, contexts, new: in
             for _ in range(repeats):
                 for key, worker in workers.items():
                     decode[key][context].append(worker.decode_at(context, new)["decode_tok_s"])
-        for worker in workers.values():
-            worker.close()
-    finally:
-        for worker in workers.values():
-            if worker.process.is_alive():
-                worker.process.kill()
     out = {}
     for key, worker in workers.items():
         result = result_of(worker.header, warm[key], runs[key], config, profile, None)

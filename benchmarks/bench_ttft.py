@@ -282,7 +282,7 @@ def freeze_prefill_alone(folder: Path, threads: int, runs: int) -> dict:
 
 def speed_onnx(args, save) -> dict:
     from edgevlm.loader import resolve
-    from edgevlm.runtimes.bench import BenchConfig, Worker
+    from edgevlm.runtimes.bench import BenchConfig, Workers
     from edgevlm.runtimes.families import image_token_id
 
     config = json.loads((resolve(args.model) / "config.json").read_text())
@@ -308,13 +308,13 @@ def speed_onnx(args, save) -> dict:
         out["freeze_prefill_alone"] = alone
         print(json.dumps(alone, indent=1), flush=True)
         save(out)
-    workers = {}
-    try:
+    with Workers() as pool:
+        workers = {}
         for v in todo:
             bench = BenchConfig(runs=args.runs, warmup=0, gen_tokens=args.gen_tokens,
                                 threads=args.threads,
                                 max_image_tokens=v["value"] if v["kind"] == "budget" else None)
-            workers[v["name"]] = Worker(folders[v["name"]], bench, None)
+            workers[v["name"]] = pool.start(folders[v["name"]], bench, None)
         runs = {name: [] for name in workers}
         for round_ in range(args.runs + args.warmup):
             for name, worker in workers.items():
@@ -327,12 +327,6 @@ def speed_onnx(args, save) -> dict:
                 out["results"] = summarise(todo, runs, costs, visual, config, n_vision, frozen)
                 out["rounds_done"] = round_ + 1 - args.warmup
                 save(out)
-        for worker in workers.values():
-            worker.close()
-    finally:
-        for worker in workers.values():
-            if worker.process.is_alive():
-                worker.process.kill()
     return out
 
 

@@ -279,6 +279,32 @@ class Worker:
         self.process.join()
 
 
+class Workers:
+    """Worker processes that end together: each closed when the block ends, and any still
+    alive killed if it fails (a worker must never outlive its benchmark)."""
+
+    def __init__(self):
+        self.started: list[Worker] = []
+
+    def start(self, target, config, profile) -> Worker:
+        worker = Worker(target, config, profile)
+        self.started.append(worker)
+        return worker
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                for worker in self.started:
+                    worker.close()
+        finally:
+            for worker in self.started:
+                if worker.process.is_alive():
+                    worker.process.kill()
+
+
 def bench_many(targets: list, config: BenchConfig | None = None, profile=None,
                facts=None) -> list[BenchResult]:
     """Several exports, each in its own process (its memory is its own), loaded one after the
@@ -288,21 +314,13 @@ def bench_many(targets: list, config: BenchConfig | None = None, profile=None,
     config = config or BenchConfig()
     for target in targets:  # refuse a bad export or a missing runtime before starting any
         make_runner_class(target, profile, config.runtime)
-    workers = []
-    try:
-        for target in targets:
-            workers.append(Worker(target, config, profile))
+    with Workers() as pool:
+        workers = [pool.start(target, config, profile) for target in targets]
         warmups = [[w.run() for _ in range(config.warmup)] for w in workers]
         runs = [[] for _ in workers]
         for _ in range(config.runs):
             for worker, out in zip(workers, runs, strict=True):
                 out.append(worker.run())
-        for worker in workers:
-            worker.close()
-    finally:
-        for worker in workers:
-            if worker.process.is_alive():
-                worker.process.kill()
     return [result_of(w.header, warm, r, config, profile, facts)
             for w, warm, r in zip(workers, warmups, runs, strict=True)]
 

@@ -101,7 +101,8 @@ TABLE: tuple[Family, ...] = (
         onnx_position_start=1,
         bidirectional_images=True,
         layer_period=6,
-        notes="sliding-window period 6: pruning must keep it or is refused"),    Family(
+        notes="sliding-window period 6: pruning must keep it or is refused"),
+    Family(
         name="llava", model_types=("llava",), hf_class="LlavaForConditionalGeneration",
         processor_class="LlavaProcessor", text_model="model.language_model",
         vision_tower="model.vision_tower", projector="model.multi_modal_projector",
@@ -135,7 +136,6 @@ TABLE: tuple[Family, ...] = (
         gguf_tokenizer="gpt2", gguf_image_text="<image>",
         onnx_vision_inputs=("pixel_values", "pixel_attention_mask"),
         notes="image splitting into tiles + global image, pixel shuffle"),
-
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in TABLE}

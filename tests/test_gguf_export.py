@@ -114,6 +114,41 @@ def test_f32_metadata_llama_cpp_needs(f32_export):
         assert projector == "gemma3"
         assert val(mm, "clip.vision.projector.scale_factor") == [2]  # 8x8 patches -> 4x4
         assert val(text, "gemma3.attention.sliding_window") == [32]
+@pytest.mark.parametrize("family", ["smolvlm", "llava"])
+def test_mmproj_reads_a_hub_layout_processor(family, tmp_path):
+    """Hub checkpoints (SmolVLM-256M, LLaVA-1.5, Gemma 3) keep the image processor's settings
+    in preprocessor_config.json and only the processor's own keys in processor_config.json:
+    the mmproj must carry the settings transformers reads from there (the tile size a SmolVLM
+    image is split at, CLIP's normalisation)."""
+    import json
+    import shutil
+
+    from gguf import GGUFReader
+
+    from edgevlm.export.gguf_export import export_gguf
+    from edgevlm.loader import load
+
+    folder = tmp_path / "hub"
+    shutil.copytree(_tiny_dir(family), folder)
+    processor = json.loads((folder / "processor_config.json").read_text())
+    image = processor.pop("image_processor")
+    image["image_mean"], image["image_std"] = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    if family == "smolvlm":
+        image["size"] = {"longest_edge": 3 * image["max_image_size"]["longest_edge"]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(image))
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+    hf = load(str(folder)).processor.image_processor  # transformers reads this layout
+    assert list(hf.image_mean) == image["image_mean"]
+
+    art = export_gguf(folder, tmp_path / "out", quant="f32", mmproj_type="f32", verify=False,
+                      progress=False)
+    fields = GGUFReader(str(tmp_path / "out" / art.file("mmproj").path)).fields
+    assert fields["clip.vision.image_mean"].contents() == pytest.approx(image["image_mean"])
+    assert fields["clip.vision.image_std"].contents() == pytest.approx(image["image_std"])
+    if family == "smolvlm":
+        assert fields["clip.vision.preproc_image_size"].contents() == hf.size["longest_edge"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family,quant,main", [("smolvlm", "q8_0", "Q8_0"),
                                                ("smolvlm-k256", "q4_k_m", "Q4_K"),

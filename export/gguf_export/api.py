@@ -11,9 +11,9 @@ from edgevlm.export.gguf_export import text
 from edgevlm.export.gguf_export.families import family_module
 from edgevlm.export.gguf_export.source import CheckpointSource, read_config
 from edgevlm.export.gguf_export.tokenizer import tokenizer_plan
-from edgevlm.export.gguf_export.vision import processor_config
 from edgevlm.export.gguf_export.writer import write_gguf
 from edgevlm.runtimes import families
+from edgevlm.runtimes.preprocess.common import CheckpointFiles
 from edgevlm.types import ExportArtifact, ExportIO
 
 
@@ -157,7 +157,9 @@ def write_mmproj(model_dir: Path, out: Path, cfg: dict, module, mmproj_type: str
     main = q.MMPROJ_TYPES[mmproj_type]
     ftype = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
              "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[main]
-    proc = processor_config(model_dir)
+    # The image processor's settings where the runners read them: transformers 5 nests them in
+    # processor_config.json, hub checkpoints keep them in preprocessor_config.json.
+    proc = CheckpointFiles.read(model_dir).image
     with CheckpointSource(model_dir, module.VISION_RENAME) as src:
         projector, metadata, jobs, io = module.mmproj(src, cfg, proc, model_dir, name=name, ftype=ftype)
         result = write_gguf(out, "clip", metadata, jobs, main, 32 if main == "Q8_0" else 1,

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from edgevlm.errors import UsageError
 from edgevlm.export.gguf_export.writer import TensorJob
 
 # llama.cpp reads these as F32/F16 only (convolutions, learned embeddings added to activations).
 KEEP_F32 = ("v.patch_embd", "v.position_embd", "v.class_embd")
-
-
-def processor_config(folder: Path) -> dict:
-    """The image processor settings (processor_config.json or preprocessor_config.json)."""
-    for file in ("processor_config.json", "preprocessor_config.json"):
-        path = Path(folder) / file
-        if path.exists():
-            data = json.loads(path.read_text())
-            return data.get("image_processor", data)
-    raise UsageError(f"{folder} has no processor_config.json / preprocessor_config.json",
-                     "save the processor next to the model (processor.save_pretrained)")
 
 
 def vision_metadata(writer, *, projector: str, vcfg: dict, text_hidden: int, image_size: int,
