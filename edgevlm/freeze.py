@@ -3,8 +3,9 @@ skip the layer's query, output projection and MLP (their hidden states pass thro
 unchanged) but still provide keys and values, so text tokens attend to them.
 
 The frozen layers are recorded in the checkpoint's config.json under `edgevlm_freeze`, as
-the freeze plan's JSON (a PrunePlan with mode 'freeze'); nothing is removed. `edgevlm.loader.load` installs the freeze forward when it finds the
-record; stock `from_pretrained` ignores it and runs the normal forward.
+the freeze plan's JSON (a PrunePlan with mode 'freeze'); nothing is removed.
+`edgevlm.loader.load` installs the freeze forward when it finds the record; stock
+`from_pretrained` ignores it and runs the normal forward.
 
 The freeze forward does the saving for real: a frozen layer gathers the rows that need work
 (text rows) before the query projection, the output projection and the MLP, computes keys
@@ -44,11 +45,6 @@ class FreezeState:
         self.rows = self.keep = None
 
 
-def freeze_record(plan) -> dict:
-    """The config.json record of a freeze plan: the PrunePlan's own JSON (mode 'freeze')."""
-    return plan.to_dict()
-
-
 def frozen_layers(config) -> list[int]:
     """Frozen layer indices recorded in a (transformers) config, [] if none."""
     record = getattr(config, FREEZE_CONFIG_KEY, None)
@@ -66,7 +62,7 @@ def record_(vlm, plan) -> None:
     if plan.n_layers != n:
         raise UsageError(f"freeze plan is for {plan.n_layers} layers, the model has {n}",
                          "make the plan on the model it is applied to")
-    setattr(vlm.model.config, FREEZE_CONFIG_KEY, freeze_record(plan))
+    setattr(vlm.model.config, FREEZE_CONFIG_KEY, plan.to_dict())  # edgevlm_plan's schema
 
 
 def install(vlm, layers: list[int] | None = None) -> FreezeState:

@@ -114,6 +114,8 @@ def test_f32_metadata_llama_cpp_needs(f32_export):
         assert projector == "gemma3"
         assert val(mm, "clip.vision.projector.scale_factor") == [2]  # 8x8 patches -> 4x4
         assert val(text, "gemma3.attention.sliding_window") == [32]
+
+
 @pytest.mark.parametrize("family", ["smolvlm", "llava"])
 def test_mmproj_reads_a_hub_layout_processor(family, tmp_path):
     """Hub checkpoints (SmolVLM-256M, LLaVA-1.5, Gemma 3) keep the image processor's settings
@@ -132,7 +134,8 @@ def test_mmproj_reads_a_hub_layout_processor(family, tmp_path):
     shutil.copytree(_tiny_dir(family), folder)
     processor = json.loads((folder / "processor_config.json").read_text())
     image = processor.pop("image_processor")
-    image["image_mean"], image["image_std"] = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    image["image_mean"] = [0.48145466, 0.4578275, 0.40821073]  # CLIP's, not the 0.5 default
+    image["image_std"] = [0.26862954, 0.26130258, 0.27577711]
     if family == "smolvlm":
         image["size"] = {"longest_edge": 3 * image["max_image_size"]["longest_edge"]}
     (folder / "preprocessor_config.json").write_text(json.dumps(image))
